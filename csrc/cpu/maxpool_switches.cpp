@@ -1,0 +1,184 @@
+// CPU backend of maxpool_switches: the shared window body, plus two loop orders the compiler
+// can vectorise (contiguous NCHW rows with a fixed small window, and channels-last).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../kernels/maxpool_switches.h"
+#include "../maxpool_switches_host.h"
+
+namespace zfkernels {
+namespace {
+
+// Interior windows of one output row, for a compile-time window and column stride: the same
+// update rule as maxpool_window with every loop bound known, so the loop over ow vectorises.
+// `top` points at the window row origin h0 (fully inside the map) and column 0.
+template <typename scalar_t, int KH, int KW, int SW>
+ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t row_stride, int64_t p_w, int64_t ow_begin,
+                       int64_t ow_end, scalar_t* __restrict__ out, uint8_t* __restrict__ switches) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+    const scalar_t* window = top + ow * SW - p_w;
+    acc_t best = static_cast<acc_t>(-INFINITY);
+    int32_t arg = 0;
+#pragma GCC unroll 16
+    for (int ky = 0; ky < KH; ++ky) {
+#pragma GCC unroll 16
+      for (int kx = 0; kx < KW; ++kx) {
+        const acc_t v = static_cast<acc_t>(window[ky * row_stride + kx]);
+        const bool takes = pool_takes(v, best);
+        best = takes ? v : best;
+        arg = takes ? ky * KW + kx : arg;
+      }
+    }
+    out[ow] = static_cast<scalar_t>(best);
+    switches[ow] = static_cast<uint8_t>(arg);
+  }
+}
+
+template <typename scalar_t>
+using RowFn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*, uint8_t*);
+
+// The windows of ZFNet / AlexNet (3x3 stride 2) and VGG (2x2 stride 2) get a specialised row.
+template <typename scalar_t>
+RowFn<scalar_t> interior_row_for(const PoolGeometry& g) {
+  if (g.k_h == 3 && g.k_w == 3 && g.s_w == 2) return pool_row_interior<scalar_t, 3, 3, 2>;
+  if (g.k_h == 2 && g.k_w == 2 && g.s_w == 2) return pool_row_interior<scalar_t, 2, 2, 2>;
+  if (g.k_h == 3 && g.k_w == 3 && g.s_w == 1) return pool_row_interior<scalar_t, 3, 3, 1>;
+  return nullptr;
+}
+
+template <typename scalar_t>
+void pool_nchw(const at::Tensor& x, const MaxpoolPlan& plan) {
+  const PoolGeometry g = plan.geometry;
+  const int64_t planes = x.size(0) * x.size(1);
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
+  uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
+  const RowFn<scalar_t> row_fn = interior_row_for<scalar_t>(g);
+  // Columns whose windows lie wholly inside the map.
+  const int64_t ow_lo = imin(ceil_div(g.p_w, g.s_w), g.out_w);
+  const int64_t ow_hi = imax(imin(floor_div(g.in_w - g.k_w + g.p_w, g.s_w) + 1, g.out_w), ow_lo);
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* plane = in + p * g.in_h * g.in_w;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        scalar_t* out_row = out + (p * g.out_h + oh) * g.out_w;
+        uint8_t* sw_row = sw + (p * g.out_h + oh) * g.out_w;
+        const int64_t h0 = oh * g.s_h - g.p_h;
+        const bool rows_inside = h0 >= 0 && h0 + g.k_h <= g.in_h;
+        const int64_t fast_lo = (row_fn && rows_inside) ? ow_lo : g.out_w;
+        const int64_t fast_hi = (row_fn && rows_inside) ? ow_hi : g.out_w;
+        for (int64_t ow = 0; ow < fast_lo; ++ow)
+          maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
+        if (fast_hi > fast_lo) row_fn(plane + h0 * g.in_w, g.in_w, g.p_w, fast_lo, fast_hi, out_row, sw_row);
+        for (int64_t ow = fast_hi; ow < g.out_w; ++ow)
+          maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
+      }
+    }
+  });
+}
+
+// Channels-last: every window position is a contiguous run of C values, so the update runs
+// over channels in the innermost (vectorised) loop.
+template <typename scalar_t, typename acc_t>
+ZF_CPU_CLONES void pool_update_channels(const scalar_t* __restrict__ px, acc_t* __restrict__ best,
+                                        int32_t* __restrict__ arg, int32_t offset, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(px[c]);
+    const bool takes = pool_takes(v, best[c]);
+    best[c] = takes ? v : best[c];
+    arg[c] = takes ? offset : arg[c];
+  }
+}
+
+template <typename scalar_t>
+void pool_channels_last(const at::Tensor& x, const MaxpoolPlan& plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PoolGeometry g = plan.geometry;
+  const int64_t C = x.size(1);
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
+  uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, x.size(0) * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> best(C);
+    std::vector<int32_t> arg(C);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, oh = row % g.out_h;
+      const scalar_t* image = in + n * g.in_h * g.in_w * C;
+      const int64_t h0 = oh * g.s_h - g.p_h;
+      const int64_t h_begin = imax(h0, 0), h_end = imin(h0 + g.k_h, g.in_h);
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const int64_t w0 = ow * g.s_w - g.p_w;
+        const int64_t w_begin = imax(w0, 0), w_end = imin(w0 + g.k_w, g.in_w);
+        const int32_t first = static_cast<int32_t>((h_begin - h0) * g.k_w + (w_begin - w0));
+        acc_t* __restrict__ b = best.data();
+        int32_t* __restrict__ a = arg.data();
+        for (int64_t c = 0; c < C; ++c) {
+          b[c] = static_cast<acc_t>(-INFINITY);
+          a[c] = first;
+        }
+        for (int64_t ih = h_begin; ih < h_end; ++ih) {
+          for (int64_t iw = w_begin; iw < w_end; ++iw) {
+            const int32_t offset = static_cast<int32_t>((ih - h0) * g.k_w + (iw - w0));
+            pool_update_channels<scalar_t, acc_t>(image + (ih * g.in_w + iw) * C, b, a, offset, C);
+          }
+        }
+        scalar_t* __restrict__ o = out + ((n * g.out_h + oh) * g.out_w + ow) * C;
+        uint8_t* __restrict__ s = sw + ((n * g.out_h + oh) * g.out_w + ow) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = static_cast<scalar_t>(b[c]);
+          s[c] = static_cast<uint8_t>(a[c]);
+        }
+      }
+    }
+  });
+}
+
+// Any other strides: one output element at a time through the shared body (the CUDA path).
+template <typename scalar_t>
+void pool_strided(const at::Tensor& x, const MaxpoolPlan& plan) {
+  const PoolGeometry g = plan.geometry;
+  const Strides4 xs = strides_of(x), os = strides_of(plan.out), ss = strides_of(plan.switches);
+  const int64_t C = x.size(1);
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
+  uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Coord4 o = coord_of(i, C, g.out_h, g.out_w, plan.channels_last);
+      maxpool_window<scalar_t, at::opmath_type<scalar_t>>(
+          in + o.n * xs.n + o.c * xs.c, xs.h, xs.w, g, o.h, o.w,
+          out + o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w,
+          sw + o.n * ss.n + o.c * ss.c + o.h * ss.h + o.w * ss.w);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> maxpool_switches_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                                        bool ceil_mode) {
+  MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, ceil_mode);
+  if (plan.out.numel() == 0) return {plan.out, plan.switches};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "maxpool_switches_cpu", [&] {
+    if (!plan.channels_last && x.is_contiguous()) {
+      pool_nchw<scalar_t>(x, plan);
+    } else if (plan.channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      pool_channels_last<scalar_t>(x, plan);
+    } else {
+      pool_strided<scalar_t>(x, plan);
+    }
+  });
+  return {plan.out, plan.switches};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("maxpool_switches", &maxpool_switches_cpu);
+}
+
+}  // namespace zfkernels

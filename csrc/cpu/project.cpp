@@ -1,0 +1,173 @@
+// CPU backend of project. With channels=, each row's single map goes through its own filter
+// bank. Two loop orders vectorise (over output channels, or over output columns); both add the
+// same taps in the same (ky, kx) order as the shared body project_pixel, which handles every
+// other layout, as on CUDA.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../project_host.h"
+
+namespace zfkernels {
+namespace {
+
+// Many output channels (conv2..conv5): for each output pixel, the taps of project_pixel in the
+// same order, each adding x * w[channel, :, ky, kx] to all output channels at once from a copy
+// of the weights laid out (C_out, kH, kW, C_in).
+template <typename acc_t>
+ZF_CPU_CLONES void axpy(acc_t* __restrict__ acc, const acc_t* __restrict__ w, acc_t x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x * w[i];
+}
+
+template <typename scalar_t, typename acc_t>
+ZF_CPU_CLONES void store_strided(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t stride, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i * stride] = static_cast<scalar_t>(acc[i]);
+}
+
+template <typename scalar_t>
+void project_rows_by_channel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
+                             const ProjectGeometry& g, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = out.size(1), pixels = g.out_h * g.out_w;
+  const auto w_t = weight.permute({0, 2, 3, 1}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* wt = w_t.template const_data_ptr<acc_t>();
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const int64_t* ch = channels.const_data_ptr<int64_t>();
+  const int64_t ch_stride = channels.stride(0);
+  const auto xs = strides_of(x);
+  scalar_t* od = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* wb = wt + ch[b * ch_stride] * g.k_h * g.k_w * C;
+      const scalar_t* xb = xd + b * xs.n;
+      scalar_t* ob = od + b * C * pixels;
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        for (int64_t ox = 0; ox < g.out_w; ++ox) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          const int64_t ky0 = (oy + g.p_h) % g.s_h, kx0 = (ox + g.p_w) % g.s_w;
+          for (int64_t ky = ky0; ky < g.k_h; ky += g.s_h) {
+            const int64_t iy = (oy + g.p_h - ky) / g.s_h;
+            if (iy < 0 || iy >= g.in_h) continue;
+            for (int64_t kx = kx0; kx < g.k_w; kx += g.s_w) {
+              const int64_t ix = (ox + g.p_w - kx) / g.s_w;
+              if (ix < 0 || ix >= g.in_w) continue;
+              axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * C, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), C);
+            }
+          }
+          // One pixel of every plane: consecutive pixels share cache lines, so the planes'
+          // lines stay cached while the row fills them.
+          store_strided<scalar_t, acc_t>(ob + oy * g.out_w + ox, acc.data(), pixels, C);
+        }
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+ZF_CPU_CLONES void axpy_row(acc_t* __restrict__ acc, const acc_t* __restrict__ src, acc_t w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += src[i] * w;
+}
+
+template <typename scalar_t>
+void project_rows_padded(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
+                         const ProjectGeometry& g, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), C = out.size(1), kh = g.k_h, kw = g.k_w;
+  const int64_t top = kh - 1 - g.p_h, left = kw - 1 - g.p_w;
+  const int64_t xp_h = imax(g.out_h + kh - 1, (g.in_h - 1) * g.s_h + top + 1);
+  const int64_t xp_w = imax(g.out_w + kw - 1, (g.in_w - 1) * g.s_w + left + 1);
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* wd = weight.const_data_ptr<scalar_t>();
+  const int64_t* ch = channels.const_data_ptr<int64_t>();
+  const int64_t ch_stride = channels.stride(0);
+  const auto xs = strides_of(x), ws = strides_of(weight);
+  scalar_t* od = out.mutable_data_ptr<scalar_t>();
+  const int64_t plane = g.out_h * g.out_w;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xp(xp_h * xp_w), wl(kh * kw), acc(g.out_w);
+    int64_t padded_row = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / C, ci = item % C;
+      if (b != padded_row) {  // items run b-major: one padded copy per row of x
+        std::fill(xp.begin(), xp.end(), acc_t(0));
+        for (int64_t iy = 0; iy < g.in_h; ++iy)
+          for (int64_t ix = 0; ix < g.in_w; ++ix)
+            xp[(iy * g.s_h + top) * xp_w + ix * g.s_w + left] = static_cast<acc_t>(xd[b * xs.n + iy * xs.h + ix * xs.w]);
+        padded_row = b;
+      }
+      const scalar_t* wb = wd + ch[b * ch_stride] * ws.n + ci * ws.c;
+      for (int64_t t = 0; t < kh * kw; ++t) wl[t] = static_cast<acc_t>(wb[(t / kw) * ws.h + (t % kw) * ws.w]);
+      scalar_t* o = od + item * plane;
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t ky = (oy + g.p_h) % g.s_h; ky < kh; ky += g.s_h) {
+          const int64_t row = oy + kh - 1 - ky;  // = iy * s + top
+          const int64_t iy = (row - top) / g.s_h;
+          if (row < top || iy >= g.in_h) continue;  // a row of padding: all zeros
+          const acc_t* src_row = xp.data() + row * xp_w;
+          for (int64_t kx = 0; kx < kw; ++kx) axpy_row<acc_t>(acc.data(), src_row + kw - 1 - kx, wl[ky * kw + kx], g.out_w);
+        }
+        for (int64_t ox = 0; ox < g.out_w; ++ox) o[oy * g.out_w + ox] = static_cast<scalar_t>(acc[ox]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void project_rows_strided(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
+                          const ProjectGeometry& g, at::Tensor& out, bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = out.size(1);
+  const auto xs = strides_of(x), ws = strides_of(weight), os = strides_of(out);
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* wd = weight.const_data_ptr<scalar_t>();
+  const int64_t* ch = channels.const_data_ptr<int64_t>();
+  const int64_t ch_stride = channels.stride(0);
+  scalar_t* od = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
+      const acc_t v = project_pixel<scalar_t, acc_t>(xd + o.n * xs.n, xs.h, xs.w,
+                                                     wd + ch[o.n * ch_stride] * ws.n + o.c * ws.c, ws.h, ws.w, g,
+                                                     o.h, o.w);
+      od[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
+at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef output_padding,
+                       const std::optional<at::Tensor>& channels) {
+  const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels);
+  if (!channels.has_value()) return project_dense(x, weight, stride, padding, output_padding);
+  const ProjectGeometry g = plan.geometry;
+  const auto format = project_output_format(x);
+  auto out = at::empty({x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  if (out.numel() == 0) return out;
+  const bool nchw = format == at::MemoryFormat::Contiguous;
+  const bool by_channel = nchw && plan.out_channels >= 16;
+  const bool padded = nchw && !by_channel && g.p_h < g.k_h && g.p_w < g.k_w &&
+                      at::isfinite(weight).all().item<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_cpu", [&] {
+    if (by_channel) {
+      project_rows_by_channel<scalar_t>(x, weight, *channels, g, out);
+    } else if (padded) {
+      project_rows_padded<scalar_t>(x, weight, *channels, g, out);
+    } else {
+      project_rows_strided<scalar_t>(x, weight, *channels, g, out, format == at::MemoryFormat::ChannelsLast);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("project", &project_cpu);
+}
+
+}  // namespace zfkernels

@@ -1,0 +1,57 @@
+// CUDA backend of project: the dense case through cuDNN; with channels=, one thread per output
+// element over the shared body project_pixel.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../project_host.h"
+#include "launch.cuh"
+
+namespace zfkernels {
+namespace {
+
+template <typename scalar_t>
+__global__ void project_rows_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
+                                    Strides4 ws, const int64_t* __restrict__ channels, int64_t ch_stride,
+                                    scalar_t* __restrict__ out, Strides4 os, ProjectGeometry g, int64_t C,
+                                    int64_t total, bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ZF_GRID_STRIDE_LOOP(i, total) {
+    const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
+    const acc_t v = project_pixel<scalar_t, acc_t>(x + o.n * xs.n, xs.h, xs.w,
+                                                   w + channels[o.n * ch_stride] * ws.n + o.c * ws.c, ws.h, ws.w, g,
+                                                   o.h, o.w);
+    out[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = static_cast<scalar_t>(v);
+  }
+}
+
+at::Tensor project_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef output_padding,
+                        const std::optional<at::Tensor>& channels) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels);
+  if (!channels.has_value()) return project_dense(x, weight, stride, padding, output_padding);
+  const ProjectGeometry g = plan.geometry;
+  const auto format = project_output_format(x);
+  auto out = at::empty({x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_cuda", [&] {
+    project_rows_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), strides_of(x), weight.const_data_ptr<scalar_t>(), strides_of(weight),
+        channels->const_data_ptr<int64_t>(), channels->stride(0), out.mutable_data_ptr<scalar_t>(), strides_of(out),
+        g, plan.out_channels, total, format == at::MemoryFormat::ChannelsLast);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("project", &project_cuda);
+}
+
+}  // namespace zfkernels

@@ -1,0 +1,72 @@
+// CUDA backend of switches_to_indices, and the switch validation pass that unpool runs first.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../kernels/switches.h"
+#include "../switches_host.h"
+#include "launch.cuh"
+
+namespace zfkernels {
+namespace {
+
+// Counts invalid switches. The count is an integer, so the atomic adds give the same answer
+// whatever their order.
+__global__ void count_invalid_switches_kernel(const uint8_t* __restrict__ sw, Strides4 ss, PoolGeometry g, int64_t C,
+                                              int64_t total, unsigned long long* invalid) {
+  ZF_GRID_STRIDE_LOOP(i, total) {
+    const Coord4 o = coord_of(i, C, g.out_h, g.out_w, false);
+    int64_t ih, iw;
+    if (!switch_target(sw[o.n * ss.n + o.c * ss.c + o.h * ss.h + o.w * ss.w], o.h, o.w, g, &ih, &iw)) {
+      atomicAdd(invalid, 1ULL);
+    }
+  }
+}
+
+__global__ void switches_to_indices_kernel(const uint8_t* __restrict__ sw, Strides4 ss, int64_t* __restrict__ idx,
+                                           Strides4 os, PoolGeometry g, int64_t C, int64_t total,
+                                           bool channels_last) {
+  ZF_GRID_STRIDE_LOOP(i, total) {
+    const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
+    int64_t ih, iw;
+    switch_target(sw[o.n * ss.n + o.c * ss.c + o.h * ss.h + o.w * ss.w], o.h, o.w, g, &ih, &iw);
+    idx[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = ih * g.in_w + iw;
+  }
+}
+
+at::Tensor switches_to_indices_cuda(const at::Tensor& switches, at::IntArrayRef input_size, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding) {
+  const c10::cuda::CUDAGuard guard(switches.device());
+  const PoolGeometry g = check_switches_to_indices_args(switches, input_size, kernel, stride, padding);
+  const bool channels_last = prefers_channels_last(switches);
+  auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
+                                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  check_switch_values("switches_to_indices", count_invalid_switches_cuda(switches, g), g);
+  switches_to_indices_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      switches.const_data_ptr<uint8_t>(), strides_of(switches), out.mutable_data_ptr<int64_t>(), strides_of(out), g,
+      switches.size(1), total, channels_last);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+// Reads one number back to the host (a synchronisation): the price of refusing corrupt switches.
+int64_t count_invalid_switches_cuda(const at::Tensor& switches, const PoolGeometry& g) {
+  const c10::cuda::CUDAGuard guard(switches.device());
+  const int64_t total = switches.numel();
+  if (total == 0) return 0;
+  auto invalid = at::zeros({1}, switches.options().dtype(at::kLong));
+  count_invalid_switches_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      switches.const_data_ptr<uint8_t>(), strides_of(switches), g, switches.size(1), total,
+      reinterpret_cast<unsigned long long*>(invalid.mutable_data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return invalid.item<int64_t>();
+}
+
+TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("switches_to_indices", &switches_to_indices_cuda);
+}
+
+}  // namespace zfkernels

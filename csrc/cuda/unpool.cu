@@ -1,0 +1,57 @@
+// CUDA backend of unpool: one thread per output pixel, the shared gather body (no atomics, a
+// fixed summation order: bitwise-deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../kernels/unpool.h"
+#include "../switches_host.h"
+#include "launch.cuh"
+
+namespace zfkernels {
+namespace {
+
+template <typename scalar_t>
+__global__ void unpool_kernel(const scalar_t* __restrict__ y, Strides4 ys, const uint8_t* __restrict__ sw,
+                              Strides4 ss, const int64_t* __restrict__ rows, int64_t rows_stride,
+                              scalar_t* __restrict__ out, Strides4 os, PoolGeometry g, int64_t C, int64_t total,
+                              bool channels_last, bool rectify) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ZF_GRID_STRIDE_LOOP(i, total) {
+    const Coord4 o = coord_of(i, C, g.in_h, g.in_w, channels_last);
+    const int64_t n = rows ? rows[o.n * rows_stride] : o.n;
+    const acc_t v = unpool_pixel<scalar_t, acc_t>(y + o.n * ys.n + o.c * ys.c, ys.h, ys.w, sw + n * ss.n + o.c * ss.c,
+                                                  ss.h, ss.w, g, o.h, o.w, rectify);
+    out[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = static_cast<scalar_t>(v);
+  }
+}
+
+at::Tensor unpool_cuda(const at::Tensor& y, const at::Tensor& switches, at::IntArrayRef input_size,
+                       at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                       const std::optional<at::Tensor>& rows, bool rectify) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  UnpoolPlan plan = plan_unpool(y, switches, input_size, kernel, stride, padding, rows);
+  const int64_t total = plan.out.numel();
+  if (total == 0) return plan.out;
+  check_switch_values("unpool", count_invalid_switches_cuda(switches, plan.geometry), plan.geometry);
+  const int64_t* rows_ptr = rows.has_value() ? rows->const_data_ptr<int64_t>() : nullptr;
+  const int64_t rows_stride = rows.has_value() ? rows->stride(0) : 0;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpool_cuda", [&] {
+    unpool_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        y.const_data_ptr<scalar_t>(), strides_of(y), switches.const_data_ptr<uint8_t>(), strides_of(switches),
+        rows_ptr, rows_stride, plan.out.mutable_data_ptr<scalar_t>(), strides_of(plan.out), plan.geometry, y.size(1),
+        total, plan.channels_last, rectify);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return plan.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("unpool", &unpool_cuda);
+}
+
+}  // namespace zfkernels

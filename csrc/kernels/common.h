@@ -1,0 +1,76 @@
+// Shared by the CPU (.cpp) and CUDA (.cu) backends: geometry and small helpers that both
+// compile, so the CPU tests exercise the arithmetic the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define ZF_HOST_DEVICE __host__ __device__
+#else
+#define ZF_HOST_DEVICE
+#endif
+#define ZF_INLINE ZF_HOST_DEVICE inline
+
+namespace zfkernels {
+
+// Floor and ceiling division for a possibly negative numerator and a positive divisor.
+ZF_INLINE int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+ZF_INLINE int64_t ceil_div(int64_t a, int64_t b) {
+  return -floor_div(-a, b);
+}
+ZF_INLINE int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+ZF_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// One max-pooling geometry: the pooled map is in_h x in_w, the pooled result out_h x out_w.
+// Window (oh, ow) has its origin at (oh * s_h - p_h, ow * s_w - p_w) and spans k_h x k_w.
+struct PoolGeometry {
+  int64_t in_h, in_w, out_h, out_w;
+  int64_t k_h, k_w, s_h, s_w, p_h, p_w;
+};
+
+// Element strides of a 4-D tensor (n, c, h, w), so every kernel accepts any layout.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+// Logical coordinates of the i-th element of a (d0, d1, d2, d3) tensor stored in `order`:
+// channels_last walks (n, h, w, c), otherwise (n, c, h, w). Launches enumerate outputs in
+// their memory order so consecutive threads write consecutive addresses.
+struct Coord4 {
+  int64_t n, c, h, w;
+};
+ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool channels_last) {
+  Coord4 r;
+  if (channels_last) {
+    r.c = i % C; i /= C;
+    r.w = i % W; i /= W;
+    r.h = i % H; r.n = i / H;
+  } else {
+    r.w = i % W; i /= W;
+    r.h = i % H; i /= H;
+    r.c = i % C; r.n = i / C;
+  }
+  return r;
+}
+
+// Windows [lo, hi) along one axis that contain input position i (stride s, padding p, size k,
+// `out` windows in all). Used by the unpooling gather.
+ZF_INLINE void covering_windows(int64_t i, int64_t k, int64_t s, int64_t p, int64_t out,
+                                int64_t* lo, int64_t* hi) {
+  *lo = imax(ceil_div(i + p - k + 1, s), 0);
+  *hi = imin(floor_div(i + p, s) + 1, out);
+}
+
+}  // namespace zfkernels
+
+// CPU hot loops get an AVX2 clone next to the baseline one, picked at load time by the CPU the
+// library runs on (GCC function multi-versioning). No FMA: both clones round identically.
+#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ZF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define ZF_CPU_CLONES
+#endif

@@ -1,0 +1,35 @@
+// Projection of one selected feature map through its transposed filters (the deconvnet's first
+// step): output pixel (oy, ox) of output channel ci for a row whose map is x and whose filter
+// bank is w = weight[channel, ci] (k_h x k_w). A gather over the taps that reach (oy, ox).
+#pragma once
+
+#include "common.h"
+
+namespace zfkernels {
+
+struct ProjectGeometry {
+  int64_t in_h, in_w, out_h, out_w;  // x's map and the projected map
+  int64_t k_h, k_w, s_h, s_w, p_h, p_w;
+};
+
+// Transposed convolution: x[iy, ix] reaches out[iy * s - p + ky, ix * s - p + kx] with weight
+// w[ky, kx]. Taps run in (ky, kx) order with float accumulation.
+template <typename scalar_t, typename acc_t>
+ZF_INLINE acc_t project_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_t xw, const scalar_t* __restrict__ w,
+                              int64_t wh, int64_t ww, const ProjectGeometry& g, int64_t oy, int64_t ox) {
+  acc_t sum = acc_t(0);
+  // First tap whose (oy + p - ky) is a multiple of the stride, then every s-th one.
+  const int64_t ky0 = (oy + g.p_h) % g.s_h, kx0 = (ox + g.p_w) % g.s_w;
+  for (int64_t ky = ky0; ky < g.k_h; ky += g.s_h) {
+    const int64_t iy = (oy + g.p_h - ky) / g.s_h;
+    if (iy < 0 || iy >= g.in_h) continue;
+    for (int64_t kx = kx0; kx < g.k_w; kx += g.s_w) {
+      const int64_t ix = (ox + g.p_w - kx) / g.s_w;
+      if (ix < 0 || ix >= g.in_w) continue;
+      sum += static_cast<acc_t>(x[iy * xh + ix * xw]) * static_cast<acc_t>(w[ky * wh + kx * ww]);
+    }
+  }
+  return sum;
+}
+
+}  // namespace zfkernels

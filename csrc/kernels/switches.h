@@ -1,0 +1,24 @@
+// Reading switches back: the pixel a switch points at, and whether it is a valid switch.
+// Shared by switches_to_indices, the switch validation pass and the unpooling gather.
+#pragma once
+
+#include "common.h"
+
+namespace zfkernels {
+
+// Pixel (ih, iw) of the pooled map that switch s of window (oh, ow) points at. A switch is
+// valid when it addresses its window (s < k_h * k_w) and a real pixel, not the padding.
+ZF_INLINE bool switch_target(uint8_t s, int64_t oh, int64_t ow, const PoolGeometry& g, int64_t* ih, int64_t* iw) {
+  const int64_t ky = s / g.k_w, kx = s % g.k_w;
+  *ih = oh * g.s_h - g.p_h + ky;
+  *iw = ow * g.s_w - g.p_w + kx;
+  return ky < g.k_h && *ih >= 0 && *ih < g.in_h && *iw >= 0 && *iw < g.in_w;
+}
+
+// The switch that window (oh, ow) holds when its argmax is pixel (ih, iw): comparing with it
+// needs no division, which keeps the unpooling gather cheap.
+ZF_INLINE int64_t switch_for(int64_t ih, int64_t iw, int64_t oh, int64_t ow, const PoolGeometry& g) {
+  return (ih - (oh * g.s_h - g.p_h)) * g.k_w + (iw - (ow * g.s_w - g.p_w));
+}
+
+}  // namespace zfkernels

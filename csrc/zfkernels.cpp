@@ -1,0 +1,19 @@
+// The zfkernels operator library: schemas only. Backends register their kernels with
+// TORCH_LIBRARY_IMPL in cpu/<op>.cpp and cuda/<op>.cu; fake kernels live in zfkernels/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty module: importing zfkernels._C runs the static registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(zfkernels, m) {
+  m.def("maxpool_switches(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("switches_to_indices(Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def("unpool(Tensor y, Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, Tensor? rows, bool rectify) -> Tensor");
+  m.def("project(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] output_padding, Tensor? channels) -> Tensor");
+}

@@ -1,0 +1,129 @@
+"""Builds zfkernels._C: the CPU kernels always, the CUDA kernels whenever a CUDA toolkit is found
+(also on a machine with no visible GPU, so CI compiles them).
+
+Environment switches:
+  ZFK_CPU_ONLY=1            build the CPU kernels only, even where a toolkit exists
+  ZFK_CUDA_ARCH_LIST="9.0"  the CUDA architectures to build (default: Turing..Hopper + PTX);
+                            TORCH_CUDA_ARCH_LIST is honoured when ZFK_CUDA_ARCH_LIST is unset
+  ZFK_PTXAS_VERBOSE=1       print each CUDA kernel's registers and spills (-Xptxas -v)
+  CUDA_HOME                 the toolkit; otherwise the real toolkit behind `nvcc`, then /usr/local/cuda
+  MAX_JOBS                  parallel compile jobs (ninja)
+
+Build against the installed torch: pip install --no-build-isolation .
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"  # Turing, Ampere, Ada, Hopper (+ PTX for newer GPUs)
+
+
+def say(message: str) -> None:
+    print(f"[zfkernels build] {message}", flush=True)
+
+
+def _is_toolkit(path: Optional[str]) -> bool:
+    return bool(path) and (Path(path) / "bin" / "nvcc").is_file() and (Path(path) / "include" / "cuda.h").is_file()
+
+
+def resolve_cuda_home() -> Optional[str]:
+    """$CUDA_HOME, then the toolkit behind `nvcc` on PATH (a symlink or a wrapper script: nvcc's
+    own dry run names its TOP), then /usr/local/cuda. torch's own guess takes the parent of the
+    PATH entry, which is wrong for a wrapper in /usr/local/bin."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(variable)):
+            return os.environ[variable]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(os.path.realpath(nvcc)).parent.parent
+        if _is_toolkit(str(real)):
+            return str(real)
+        try:
+            dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+            match = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
+            if match and _is_toolkit(os.path.realpath(match.group(1))):
+                return os.path.realpath(match.group(1))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
+
+
+def pip_cuda_includes(cuda_home: str) -> list:
+    """torch's CUDA headers include cuSPARSE / cuBLAS headers that a minimal toolkit may lack; the
+    CUDA build of torch brings them as pip packages (site-packages/nvidia/*/include)."""
+    if (Path(cuda_home) / "include" / "cusparse.h").is_file():
+        return []
+    try:
+        import nvidia  # namespace package installed with torch's CUDA build
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += sorted(str(p.parent) for p in Path(base).glob("*/include/cusparse.h"))
+    return found
+
+
+def nvcc_version(cuda_home: str) -> str:
+    out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else "unknown"
+
+
+cuda_home = None if os.environ.get("ZFK_CPU_ONLY") == "1" else resolve_cuda_home()
+if cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = cuda_home
+    archs = os.environ.get("ZFK_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch  # noqa: E402
+
+sources = [str(Path("csrc") / "zfkernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for 2.14)
+info = {"cpu": True, "cuda": False, "cuda_version": None, "cuda_archs": [], "torch": torch.__version__}
+
+if cuda_home:
+    version = nvcc_version(cuda_home)
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("ZFK_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    include_dirs = pip_cuda_includes(cuda_home)
+    if include_dirs:
+        say(f"toolkit lacks cuSPARSE/cuBLAS headers; using torch's pip-installed ones: {', '.join(include_dirs)}")
+    info.update(cuda=True, cuda_version=version, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"].split(";"))
+    say(f"CUDA kernels: yes (toolkit {cuda_home}, nvcc {version}, architectures {os.environ['TORCH_CUDA_ARCH_LIST']})")
+    extension = CUDAExtension(
+        "zfkernels._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+else:
+    reason = "ZFK_CPU_ONLY=1" if os.environ.get("ZFK_CPU_ONLY") == "1" else "no CUDA toolkit found"
+    say(f"CUDA kernels: no ({reason}); building the CPU kernels only")
+    extension = CppExtension(
+        "zfkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+    )
+
+say(f"torch {torch.__version__}; sources: {', '.join(extension.sources)}")
+(ROOT / "zfkernels" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    package_data={"zfkernels": ["_build_info.json"]},
+)
