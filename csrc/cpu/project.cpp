@@ -48,16 +48,9 @@ void project_rows_by_channel(const at::Tensor& x, const at::Tensor& weight, cons
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         for (int64_t ox = 0; ox < g.out_w; ++ox) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          const int64_t ky0 = (oy + g.p_h) % g.s_h, kx0 = (ox + g.p_w) % g.s_w;
-          for (int64_t ky = ky0; ky < g.k_h; ky += g.s_h) {
-            const int64_t iy = (oy + g.p_h - ky) / g.s_h;
-            if (iy < 0 || iy >= g.in_h) continue;
-            for (int64_t kx = kx0; kx < g.k_w; kx += g.s_w) {
-              const int64_t ix = (ox + g.p_w - kx) / g.s_w;
-              if (ix < 0 || ix >= g.in_w) continue;
-              axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * C, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), C);
-            }
-          }
+          for_each_tap(g, oy, ox, [&](int64_t ky, int64_t kx, int64_t iy, int64_t ix) {
+            axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * C, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), C);
+          });
           // One pixel of every plane: consecutive pixels share cache lines, so the planes'
           // lines stay cached while the row fills them.
           store_strided<scalar_t, acc_t>(ob + oy * g.out_w + ox, acc.data(), pixels, C);

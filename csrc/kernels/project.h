@@ -13,11 +13,10 @@ struct ProjectGeometry {
 };
 
 // Transposed convolution: x[iy, ix] reaches out[iy * s - p + ky, ix * s - p + kx] with weight
-// w[ky, kx]. Taps run in (ky, kx) order with float accumulation.
-template <typename scalar_t, typename acc_t>
-ZF_INLINE acc_t project_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_t xw, const scalar_t* __restrict__ w,
-                              int64_t wh, int64_t ww, const ProjectGeometry& g, int64_t oy, int64_t ox) {
-  acc_t sum = acc_t(0);
+// w[ky, kx]. Calls visit(ky, kx, iy, ix) for every tap that reaches output pixel (oy, ox), in
+// (ky, kx) order: the one enumeration behind every projection loop, so all sum in one order.
+template <typename Visit>
+ZF_INLINE void for_each_tap(const ProjectGeometry& g, int64_t oy, int64_t ox, Visit&& visit) {
   // First tap whose (oy + p - ky) is a multiple of the stride, then every s-th one.
   const int64_t ky0 = (oy + g.p_h) % g.s_h, kx0 = (ox + g.p_w) % g.s_w;
   for (int64_t ky = ky0; ky < g.k_h; ky += g.s_h) {
@@ -26,9 +25,19 @@ ZF_INLINE acc_t project_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_
     for (int64_t kx = kx0; kx < g.k_w; kx += g.s_w) {
       const int64_t ix = (ox + g.p_w - kx) / g.s_w;
       if (ix < 0 || ix >= g.in_w) continue;
-      sum += static_cast<acc_t>(x[iy * xh + ix * xw]) * static_cast<acc_t>(w[ky * wh + kx * ww]);
+      visit(ky, kx, iy, ix);
     }
   }
+}
+
+// Output pixel (oy, ox) of one output channel: x is the row's map, w its k_h x k_w filter.
+template <typename scalar_t, typename acc_t>
+ZF_INLINE acc_t project_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_t xw, const scalar_t* __restrict__ w,
+                              int64_t wh, int64_t ww, const ProjectGeometry& g, int64_t oy, int64_t ox) {
+  acc_t sum = acc_t(0);
+  for_each_tap(g, oy, ox, [&](int64_t ky, int64_t kx, int64_t iy, int64_t ix) {
+    sum += static_cast<acc_t>(x[iy * xh + ix * xw]) * static_cast<acc_t>(w[ky * wh + kx * ww]);
+  });
   return sum;
 }
 
