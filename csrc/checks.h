@@ -9,8 +9,13 @@
 
 namespace zfkernels {
 
+// Coordinates and window geometry are computed in 32 bits (kernels/common.h).
+constexpr int64_t kMaxExtent = int64_t(1) << 30;
+
 inline void check_float4d(const char* op, const char* name, const at::Tensor& t, const char* dims) {
   TORCH_CHECK_VALUE(t.dim() == 4, op, ": expected a 4-D ", name, " ", dims, ", got ", t.dim(), "-D");
+  for (int64_t d = 1; d < 4; ++d)
+    TORCH_CHECK_VALUE(t.size(d) < kMaxExtent, op, ": ", name, " has a dimension of ", t.size(d), " (limit 2^30)");
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
                    op, ": ", name, " must be float32, float16 or bfloat16 (or float64), got ", dtype);
@@ -18,6 +23,7 @@ inline void check_float4d(const char* op, const char* name, const at::Tensor& t,
 
 inline void check_pair(const char* op, const char* name, at::IntArrayRef v) {
   TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have two values (H, W), got ", v.size());
+  TORCH_CHECK_VALUE(v[0] < kMaxExtent && v[1] < kMaxExtent, op, ": ", name, " ", v, " is too large (limit 2^30)");
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,

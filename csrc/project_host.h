@@ -30,7 +30,8 @@ inline ProjectPlan plan_project(const at::Tensor& x, const at::Tensor& weight, a
                         output_padding[1] < stride[1],
                     op, ": output_padding must be non-negative and smaller than stride, got ", output_padding,
                     " for stride ", stride);
-  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0, op, ": weight has an empty kernel ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0 && weight.size(2) < kMaxExtent && weight.size(3) < kMaxExtent,
+                    op, ": weight has a kernel of ", weight.size(2), "x", weight.size(3));
   if (channels.has_value()) {
     TORCH_CHECK_VALUE(x.size(1) == 1, op, ": with channels=, x must be (B, 1, h, w) -- one selected feature map per row",
                       " -- got ", x.size(1), " channels");

@@ -15,9 +15,13 @@
 namespace zfkernels {
 
 // Floor and ceiling division for a possibly negative numerator and a positive divisor.
+// Coordinates and window geometry always fit in 32 bits (checks.h refuses maps and windows of
+// 2^30 or more), and 32-bit division is several times cheaper on a GPU than 64-bit: the
+// arithmetic on coordinates is done in int32, the addressing (offsets, flat indices) in int64.
 ZF_INLINE int64_t floor_div(int64_t a, int64_t b) {
-  const int64_t q = a / b;
-  return (a % b != 0 && a < 0) ? q - 1 : q;
+  const int32_t a32 = static_cast<int32_t>(a), b32 = static_cast<int32_t>(b);
+  const int32_t q = a32 / b32;
+  return (a32 % b32 != 0 && a32 < 0) ? q - 1 : q;
 }
 ZF_INLINE int64_t ceil_div(int64_t a, int64_t b) {
   return -floor_div(-a, b);
@@ -45,6 +49,20 @@ struct Coord4 {
 };
 ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool channels_last) {
   Coord4 r;
+  if (i <= 0x7fffffff) {  // the common case: a 32-bit linear index, 32-bit divisions
+    uint32_t j = static_cast<uint32_t>(i);
+    const uint32_t c32 = static_cast<uint32_t>(C), h32 = static_cast<uint32_t>(H), w32 = static_cast<uint32_t>(W);
+    if (channels_last) {
+      r.c = j % c32; j /= c32;
+      r.w = j % w32; j /= w32;
+      r.h = j % h32; r.n = j / h32;
+    } else {
+      r.w = j % w32; j /= w32;
+      r.h = j % h32; j /= h32;
+      r.c = j % c32; r.n = j / c32;
+    }
+    return r;
+  }
   if (channels_last) {
     r.c = i % C; i /= C;
     r.w = i % W; i /= W;

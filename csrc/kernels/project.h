@@ -18,12 +18,15 @@ struct ProjectGeometry {
 template <typename Visit>
 ZF_INLINE void for_each_tap(const ProjectGeometry& g, int64_t oy, int64_t ox, Visit&& visit) {
   // First tap whose (oy + p - ky) is a multiple of the stride, then every s-th one.
-  const int64_t ky0 = (oy + g.p_h) % g.s_h, kx0 = (ox + g.p_w) % g.s_w;
-  for (int64_t ky = ky0; ky < g.k_h; ky += g.s_h) {
-    const int64_t iy = (oy + g.p_h - ky) / g.s_h;
+  // 32-bit arithmetic: coordinates fit (see common.h). (oy + p - ky) is an exact multiple of the
+  // stride, so truncating division is exact for negative values too.
+  const int32_t sh = static_cast<int32_t>(g.s_h), sw = static_cast<int32_t>(g.s_w);
+  const int32_t y_off = static_cast<int32_t>(oy + g.p_h), x_off = static_cast<int32_t>(ox + g.p_w);
+  for (int32_t ky = y_off % sh; ky < g.k_h; ky += sh) {
+    const int32_t iy = (y_off - ky) / sh;
     if (iy < 0 || iy >= g.in_h) continue;
-    for (int64_t kx = kx0; kx < g.k_w; kx += g.s_w) {
-      const int64_t ix = (ox + g.p_w - kx) / g.s_w;
+    for (int32_t kx = x_off % sw; kx < g.k_w; kx += sw) {
+      const int32_t ix = (x_off - kx) / sw;
       if (ix < 0 || ix >= g.in_w) continue;
       visit(ky, kx, iy, ix);
     }

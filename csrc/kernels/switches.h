@@ -9,7 +9,8 @@ namespace zfkernels {
 // Pixel (ih, iw) of the pooled map that switch s of window (oh, ow) points at. A switch is
 // valid when it addresses its window (s < k_h * k_w) and a real pixel, not the padding.
 ZF_INLINE bool switch_target(uint8_t s, int64_t oh, int64_t ow, const PoolGeometry& g, int64_t* ih, int64_t* iw) {
-  const int64_t ky = s / g.k_w, kx = s % g.k_w;
+  const int32_t k_w = static_cast<int32_t>(g.k_w);  // 32-bit division: see common.h
+  const int64_t ky = s / k_w, kx = s % k_w;
   *ih = oh * g.s_h - g.p_h + ky;
   *iw = ow * g.s_w - g.p_w + kx;
   return ky < g.k_h && *ih >= 0 && *ih < g.in_h && *iw >= 0 && *iw < g.in_w;
