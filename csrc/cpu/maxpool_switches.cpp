@@ -85,7 +85,7 @@ void pool_nchw(const at::Tensor& x, const MaxpoolPlan& plan) {
 // Channels-last: every window position is a contiguous run of C values, so the update runs
 // over channels in the innermost (vectorised) loop.
 template <typename scalar_t, typename acc_t>
-ZF_CPU_CLONES void pool_update_channels(const scalar_t* __restrict__ px, acc_t* __restrict__ best,
+ZF_CPU_CLONES_WIDE void pool_update_channels(const scalar_t* __restrict__ px, acc_t* __restrict__ best,
                                         int32_t* __restrict__ arg, int32_t offset, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(px[c]);

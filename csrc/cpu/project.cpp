@@ -18,12 +18,12 @@ namespace {
 // same order, each adding x * w[channel, :, ky, kx] to all output channels at once from a copy
 // of the weights laid out (C_out, kH, kW, C_in).
 template <typename acc_t>
-ZF_CPU_CLONES void axpy(acc_t* __restrict__ acc, const acc_t* __restrict__ w, acc_t x, int64_t n) {
+ZF_CPU_CLONES_WIDE void axpy(acc_t* __restrict__ acc, const acc_t* __restrict__ w, acc_t x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x * w[i];
 }
 
 template <typename scalar_t, typename acc_t>
-ZF_CPU_CLONES void store_strided(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t stride, int64_t n) {
+ZF_CPU_CLONES_WIDE void store_strided(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t stride, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i * stride] = static_cast<scalar_t>(acc[i]);
 }
 

@@ -64,7 +64,7 @@ void unpool_nchw(const at::Tensor& y, const at::Tensor& switches, const RowMap& 
 
 // One window's contribution to a pixel's C channels: the gather's test, channels innermost.
 template <typename scalar_t, typename acc_t>
-ZF_CPU_CLONES void gather_channels(acc_t* __restrict__ acc, const scalar_t* __restrict__ y,
+ZF_CPU_CLONES_WIDE void gather_channels(acc_t* __restrict__ acc, const scalar_t* __restrict__ y,
                                    const uint8_t* __restrict__ sw, uint8_t expected, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] += sw[c] == expected ? static_cast<acc_t>(y[c]) : acc_t(0);
 }
