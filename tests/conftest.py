@@ -1,0 +1,105 @@
+"""Shared fixtures: devices (CPU always, CUDA when a GPU is visible), dtypes, layouts, data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict
+
+import pytest
+import torch
+
+import zfkernels
+
+CUDA_REASON = "no CUDA GPU visible, or the CUDA kernels were not compiled"
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not zfkernels.has_cuda(), reason=CUDA_REASON)]),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (input H, W), kernel, stride, padding, ceil_mode: kernels 1-7 (square and not), strides 1-3,
+# padding up to half the kernel, odd and tiny maps.
+POOL_GEOMETRIES = [
+    ((11, 13), 3, 2, 0, True),
+    ((11, 13), 3, 2, 1, False),
+    ((110, 110), 3, 2, 0, True),  # ZFNet pool1
+    ((26, 26), 3, 2, 0, True),  # ZFNet pool2
+    ((13, 13), 3, 2, 0, False),  # ZFNet pool5
+    ((14, 14), 2, 2, 0, False),  # VGG
+    ((7, 5), 2, 2, 1, True),
+    ((9, 9), (3, 2), (1, 3), (1, 1), True),
+    ((8, 10), 1, 1, 0, False),
+    ((8, 10), 1, 3, 0, True),
+    ((9, 12), 4, 3, 2, True),
+    ((9, 9), 3, 1, 1, False),
+    ((10, 11), 5, 2, 2, False),
+    ((12, 9), 7, 3, 3, True),
+    ((7, 7), 7, 1, 0, False),
+    ((1, 1), 1, 1, 0, False),
+    ((2, 3), 2, 1, 1, True),
+    ((3, 2), 3, 3, 1, True),
+    ((16, 16), 16, 16, 0, False),  # a 256-element window: the largest a switch addresses
+]
+
+
+def geometry_id(g) -> str:
+    return "x".join(map(str, g[0])) + f"-k{g[1]}s{g[2]}p{g[3]}{'c' if g[4] else ''}"
+
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+if torch.cuda.is_available():
+    # Compare against references in true float32: no TF32 in cuDNN or cuBLAS.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def sliced(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view: every other column of a wider tensor."""
+    wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1] + 1,), dtype=t.dtype, device=t.device)
+    wide[..., 1::2] = t
+    view = wide[..., 1::2]
+    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+    return view
+
+
+LAYOUTS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "nchw": lambda t: t.contiguous(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "sliced": sliced,
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> Callable[[torch.Tensor], torch.Tensor]:
+    return LAYOUTS[request.param]
+
+
+@pytest.fixture
+def shared_images() -> Path:
+    """The 800 ImageNet sample photographs beside the repository (skipped when absent)."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip(f"real images not available: {SHARED_IMAGES} is absent (it lives in ../shared beside the repo)")
+    return SHARED_IMAGES
+
+
+def assert_same_values(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Exactly equal, with NaN where the other has NaN (and infinities compared as such)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    nan = torch.isnan(actual)
+    assert torch.equal(nan, torch.isnan(expected))
+    assert torch.equal(torch.where(nan, 0, actual), torch.where(nan, 0, expected))
+
+
+def tolerance(dtype: torch.dtype) -> Dict[str, float]:
+    """Sums of a few terms in float, rounded once to dtype."""
+    return {
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+    }[dtype]

@@ -1,0 +1,165 @@
+"""maxpool_switches against F.max_pool2d and the reference switches, over geometry, dtypes,
+layouts and hostile values."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zfkernels
+from zfkernels import reference
+
+from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, assert_same_values, geometry_id
+
+
+
+def hostile(shape, kind: str, generator: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, generator=generator)
+    if kind == "ties":  # heavy ties: values from {0, 1}
+        x = (x > 0).float()
+    elif kind == "relu":  # all-zero windows after ReLU
+        x = torch.relu(x - 1.0)
+    elif kind == "nonfinite":
+        flat = x.view(-1)
+        picks = torch.randperm(flat.numel(), generator=generator)[: max(3, flat.numel() // 7)]
+        values = torch.tensor([float("nan"), float("inf"), float("-inf")])
+        flat[picks] = values[torch.arange(picks.numel()) % 3]
+    elif kind == "neg_inf":  # windows holding nothing but -inf
+        x.fill_(float("-inf"))
+        x.view(-1)[::5] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("kind", ["normal", "ties", "relu", "nonfinite", "neg_inf"])
+def test_matches_max_pool2d_and_reference(device, geometry, kind):
+    size, k, s, p, ceil = geometry
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(geometry + (kind,)).encode()))
+    x = hostile((2, 3) + size, kind, gen).to(device)
+    out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+    expected, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+    assert_same_values(out, expected)
+    assert switches.dtype == torch.uint8 and switches.shape == out.shape
+    _, ref_switches = reference.maxpool_switches(x, k, s, p, ceil)
+    assert torch.equal(switches, ref_switches)
+    # Independent bridge: the switches address exactly PyTorch's argmax pixels.
+    assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p), indices)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_dtypes_and_layouts(device, dtype, layout_name):
+    gen = torch.Generator().manual_seed(7)
+    base = hostile((3, 5, 17, 15), "ties", gen) + 0.25 * torch.randn(3, 5, 17, 15, generator=gen).round()
+    x = LAYOUTS[layout_name](base.to(device, dtype))
+    for k, s, p, ceil in [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, False), (5, 3, 2, True)]:
+        out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+        expected, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+        assert_same_values(out, expected)
+        assert torch.equal(zfkernels.switches_to_indices(switches, x.shape[-2:], k, s, p), indices)
+
+
+def test_channels_last_output_follows_input(device):
+    x = torch.randn(2, 8, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
+    out, switches = zfkernels.maxpool_switches(x, 3, 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert switches.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nan_picks_the_last_nan_of_the_window(device):
+    x = torch.zeros(1, 1, 3, 3, device=device)
+    x[0, 0, 0, 1] = float("nan")
+    x[0, 0, 2, 0] = float("nan")
+    x[0, 0, 1, 1] = 5.0
+    out, switches = zfkernels.maxpool_switches(x, 3)
+    assert torch.isnan(out).all()
+    assert switches.item() == 2 * 3 + 0  # row 2, column 0: the later NaN, as PyTorch picks
+
+
+def test_ties_pick_the_first_maximum(device):
+    x = torch.tensor([[[[1.0, 4.0, 4.0], [4.0, 0.0, 4.0], [2.0, 4.0, 3.0]]]], device=device)
+    _, switches = zfkernels.maxpool_switches(x, 3)
+    assert switches.item() == 1
+
+
+@pytest.mark.parametrize("ceil", [False, True])
+def test_empty_batch(device, ceil):
+    x = torch.randn(0, 4, 11, 11, device=device)
+    out, switches = zfkernels.maxpool_switches(x, 3, 2, 0, ceil)
+    expected = F.max_pool2d(x, 3, 2, 0, ceil_mode=ceil)
+    assert out.shape == expected.shape == switches.shape
+
+
+def test_switch_memory_is_one_byte_per_pooled_element(device):
+    x = torch.randn(2, 96, 110, 110, device=device)
+    out, switches = zfkernels.maxpool_switches(x, 3, 2, 0, True)
+    _, indices = F.max_pool2d(x, 3, 2, 0, ceil_mode=True, return_indices=True)
+    switch_bytes = switches.numel() * switches.element_size()
+    assert switch_bytes == out.numel()
+    assert indices.numel() * indices.element_size() == 8 * switch_bytes
+
+
+def test_repeated_calls_are_bitwise_identical(device):
+    x = torch.randn(4, 16, 55, 55, device=device)
+    first = zfkernels.maxpool_switches(x, 3, 2, 1, True)
+    for _ in range(3):
+        again = zfkernels.maxpool_switches(x, 3, 2, 1, True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_int_and_pair_arguments_agree(device):
+    x = torch.randn(1, 2, 9, 9, device=device)
+    a = zfkernels.maxpool_switches(x, 3, 2, 1)
+    b = zfkernels.maxpool_switches(x, (3, 3), [2, 2], (1, 1))
+    c = zfkernels.maxpool_switches(x, 3, None, 1)  # stride defaults to kernel_size
+    d = zfkernels.maxpool_switches(x, 3, 3, 1)
+    assert torch.equal(a[1], b[1]) and torch.equal(c[1], d[1])
+
+
+# --- bad input: one test per refusal -------------------------------------------------------
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def test_rejects_wrong_rank(device):
+    with pytest.raises(ERRORS, match=r"maxpool_switches.*4-D.*x"):
+        zfkernels.maxpool_switches(torch.randn(3, 8, 8, device=device), 2)
+
+
+def test_rejects_integer_dtype(device):
+    with pytest.raises(TypeError, match=r"maxpool_switches: input x must be float"):
+        zfkernels.maxpool_switches(torch.ones(1, 1, 4, 4, dtype=torch.int64, device=device), 2)
+
+
+def test_rejects_kernel_larger_than_padded_input(device):
+    with pytest.raises(ValueError, match=r"maxpool_switches: kernel_size .* larger than the padded input"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 4, 4, device=device), 7, 1, 1)
+
+
+def test_rejects_padding_over_half_the_kernel(device):
+    with pytest.raises(ValueError, match=r"maxpool_switches: padding"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 8, 8, device=device), 3, 2, 2)
+
+
+@pytest.mark.parametrize("stride", [0, -1, (1, 0)])
+def test_rejects_non_positive_stride(device, stride):
+    with pytest.raises(ValueError, match=r"maxpool_switches: stride"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 8, 8, device=device), 3, stride)
+
+
+def test_rejects_non_positive_kernel(device):
+    with pytest.raises(ValueError, match=r"maxpool_switches: kernel_size"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 8, 8, device=device), (0, 2))
+
+
+def test_rejects_windows_above_256_elements(device):
+    with pytest.raises(ValueError, match=r"maxpool_switches: kernel_size .* 289 elements"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 20, 20, device=device), 17)
+
+
+def test_rejects_malformed_kernel_argument(device):
+    with pytest.raises(TypeError, match=r"maxpool_switches: kernel_size"):
+        zfkernels.maxpool_switches(torch.randn(1, 1, 8, 8, device=device), (2, 2, 2))

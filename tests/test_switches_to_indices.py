@@ -1,0 +1,71 @@
+"""switches_to_indices: the bridge to PyTorch's return_indices=True, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zfkernels
+from zfkernels import reference
+
+from conftest import LAYOUTS
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("geometry", [((11, 13), 3, 2, 1, True), ((9, 9), (3, 2), (1, 3), (1, 1), False), ((6, 7), 2, 2, 0, True)])
+def test_equals_return_indices(device, layout_name, geometry):
+    size, k, s, p, ceil = geometry
+    x = torch.randn((2, 4) + size, device=device)
+    _, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+    _, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+    got = zfkernels.switches_to_indices(LAYOUTS[layout_name](switches), size, k, s, p)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, indices)
+    assert torch.equal(reference.switches_to_indices(switches, size, k, s, p), indices)
+
+
+def test_round_trip_from_pytorch_indices(device):
+    """Indices from PyTorch -> switches (reference) -> indices (kernel): the identity."""
+    x = torch.randn(3, 2, 20, 17, device=device)
+    _, indices = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    _, switches = reference.maxpool_switches(x, 3, 2, 1, True)
+    assert torch.equal(zfkernels.switches_to_indices(switches, (20, 17), 3, 2, 1), indices)
+
+
+def test_empty_batch(device):
+    switches = torch.zeros(0, 3, 5, 5, dtype=torch.uint8, device=device)
+    assert zfkernels.switches_to_indices(switches, (11, 11), 3, 2).shape == (0, 3, 5, 5)
+
+
+ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def test_rejects_corrupt_switches(device):
+    switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
+    switches[0, 0, 2, 2] = 9  # a 3x3 window has offsets 0..8
+    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 1 value"):
+        zfkernels.switches_to_indices(switches, (11, 11), 3, 2)
+
+
+def test_rejects_switches_into_the_padding(device):
+    switches = torch.full((1, 1, 6, 6), 4, dtype=torch.uint8, device=device)
+    switches[0, 0, 0, 0] = 0  # window (0, 0) starts at (-1, -1): offset 0 is padding
+    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 1 value"):
+        zfkernels.switches_to_indices(switches, (11, 11), 3, 2, 1)
+
+
+def test_rejects_other_dtype(device):
+    with pytest.raises(TypeError, match=r"switches_to_indices: switches must be uint8"):
+        zfkernels.switches_to_indices(torch.zeros(1, 1, 5, 5, dtype=torch.int64, device=device), (11, 11), 3, 2)
+
+
+def test_rejects_input_size_that_cannot_fit(device):
+    switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: input_size \[20, 20\] cannot have produced"):
+        zfkernels.switches_to_indices(switches, (20, 20), 3, 2)
+
+
+def test_rejects_wrong_rank(device):
+    with pytest.raises(ValueError, match=r"switches_to_indices: expected 4-D switches"):
+        zfkernels.switches_to_indices(torch.zeros(5, 5, dtype=torch.uint8, device=device), (11, 11), 3, 2)

@@ -1,0 +1,232 @@
+"""unpool: the exact adjoint of max pooling, against the scatter_add_ reference and by its
+defining property, with rows=, rectify, every dtype and layout, and every refusal."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zfkernels
+from zfkernels import reference
+
+from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, geometry_id, tolerance
+
+
+
+def pooled(device, size, k, s, p, ceil, batch=2, channels=3, kind="normal", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, channels) + size, generator=gen)
+    if kind == "ties":
+        x = (x > 0.5).float()
+    x = x.to(device)
+    out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+    y = torch.randn(out.shape, generator=gen).to(device)
+    return x, y, switches
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("rectify", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_matches_reference(device, geometry, rectify, kind):
+    size, k, s, p, ceil = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, kind=kind, seed=zlib.crc32(repr(geometry).encode()))
+    got = zfkernels.unpool(y, switches, size, k, s, p, rectify=rectify)
+    want = reference.unpool(y, switches, size, k, s, p, rectify=rectify)
+    assert got.shape == (y.shape[0], y.shape[1]) + size
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+def test_is_the_adjoint_of_pooling(device, geometry):
+    """<gather(x at the switches), y> == <x, unpool(y)> for any x and y, in float64."""
+    size, k, s, p, ceil = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, kind="ties", seed=3)
+    x = torch.randn((y.shape[0], y.shape[1]) + size, dtype=torch.float64, device=device)
+    y = y.double()
+    indices = zfkernels.switches_to_indices(switches, size, k, s, p)
+    gathered = torch.gather(x.flatten(2), 2, indices.flatten(2)).view_as(y)
+    lhs = (gathered * y).sum()
+    rhs = (x * zfkernels.unpool(y, switches, size, k, s, p)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_argmax_sums_where_max_unpool2d_overwrites(device):
+    """Overlapping 3x3/2 windows that share their argmax: the adjoint adds both values."""
+    x = torch.zeros(1, 1, 5, 5, device=device)
+    x[0, 0, 2, 2] = 10.0  # the centre pixel is the max of all four overlapping windows
+    pooled_x, switches = zfkernels.maxpool_switches(x, 3, 2)
+    assert pooled_x.shape[-2:] == (2, 2)
+    y = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], device=device)
+    ours = zfkernels.unpool(y, switches, (5, 5), 3, 2)
+    assert ours[0, 0, 2, 2].item() == 1.0 + 2.0 + 3.0 + 4.0
+    assert ours.sum().item() == 10.0
+    _, indices = F.max_pool2d(x, 3, 2, return_indices=True)
+    overwritten = F.max_unpool2d(y, indices, 3, 2, output_size=(5, 5))
+    assert overwritten[0, 0, 2, 2].item() in (1.0, 2.0, 3.0, 4.0)
+    assert not torch.equal(ours, overwritten)
+
+
+@pytest.mark.parametrize("rectify", [False, True])
+def test_rows_equals_indexing_the_switches(device, rectify):
+    _, _, switches = pooled(device, (23, 21), 3, 2, 1, True, batch=4, channels=5)
+    for rows in ([2, 0, 2, 3, 1, 1, 0], [3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]):
+        rows_t = torch.tensor(rows, device=device)
+        y = torch.randn((len(rows),) + tuple(switches.shape[1:]), device=device)
+        got = zfkernels.unpool(y, switches, (23, 21), 3, 2, 1, rows=rows_t, rectify=rectify)
+        want = zfkernels.unpool(y, switches[rows_t], (23, 21), 3, 2, 1, rectify=rectify)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, reference.unpool(y, switches, (23, 21), 3, 2, 1, rows=rows_t, rectify=rectify))
+
+
+def test_rows_accepts_a_strided_index_vector(device):
+    _, _, switches = pooled(device, (11, 11), 3, 2, 0, True, batch=3)
+    rows = torch.tensor([2, 9, 0, 9, 1, 9], device=device)[::2]
+    y = torch.randn((3,) + tuple(switches.shape[1:]), device=device)
+    assert torch.equal(zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=rows), zfkernels.unpool(y, switches[rows.contiguous()], (11, 11), 3, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("y_layout", list(LAYOUTS))
+@pytest.mark.parametrize("switch_layout", list(LAYOUTS))
+def test_dtypes_and_layouts(device, dtype, y_layout, switch_layout):
+    size = (17, 19)
+    _, y, switches = pooled(device, size, 3, 2, 1, True, batch=2, channels=6, kind="ties", seed=5)
+    y = LAYOUTS[y_layout](y.to(dtype))
+    sw = LAYOUTS[switch_layout](switches)
+    for rectify in (False, True):
+        got = zfkernels.unpool(y, sw, size, 3, 2, 1, rectify=rectify)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, reference.unpool(y, sw, size, 3, 2, 1, rectify=rectify), **tolerance(dtype))
+
+
+def test_layouts_give_bitwise_equal_results(device):
+    """Every CPU loop order (and the GPU gather) adds the same terms in the same order."""
+    size = (31, 29)
+    _, y, switches = pooled(device, size, 3, 2, 0, True, batch=3, channels=8, kind="ties", seed=9)
+    results = [zfkernels.unpool(LAYOUTS[a](y), LAYOUTS[b](switches), size, 3, 2, rectify=True) for a in LAYOUTS for b in LAYOUTS]
+    for r in results[1:]:
+        assert torch.equal(r.contiguous(), results[0].contiguous())
+
+
+def test_rectify_keeps_nan_and_zeroes_negatives(device):
+    x = torch.zeros(1, 1, 4, 4, device=device)
+    x[0, 0, 0, 0] = 1.0
+    _, switches = zfkernels.maxpool_switches(x, 2)
+    y = torch.tensor([[[[-2.0, float("nan")], [3.0, float("inf")]]]], device=device)
+    got = zfkernels.unpool(y, switches, (4, 4), 2, rectify=True)
+    torch.testing.assert_close(got, torch.relu(reference.unpool(y, switches, (4, 4), 2)), equal_nan=True)
+    assert torch.isnan(got).sum() == 1 and torch.isinf(got).sum() == 1 and got[~torch.isnan(got)].min() == 0
+
+
+def test_repeated_calls_are_bitwise_identical(device):
+    _, y, switches = pooled(device, (110, 110), 3, 2, 0, True, batch=2, channels=16, seed=11)
+    rows = torch.tensor([1, 0, 1], device=device)
+    y3 = torch.randn((3,) + tuple(y.shape[1:]), device=device)
+    first = zfkernels.unpool(y3, switches, (110, 110), 3, 2, rows=rows, rectify=True)
+    for _ in range(3):
+        assert torch.equal(first, zfkernels.unpool(y3, switches, (110, 110), 3, 2, rows=rows, rectify=True))
+
+
+def test_empty_batch(device):
+    switches = torch.zeros(2, 3, 5, 5, dtype=torch.uint8, device=device)
+    y = torch.randn(0, 3, 5, 5, device=device)
+    rows = torch.zeros(0, dtype=torch.int64, device=device)
+    assert zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=rows).shape == (0, 3, 11, 11)
+    assert zfkernels.unpool(y, switches[:0], (11, 11), 3, 2).shape == (0, 3, 11, 11)
+
+
+# --- bad input: one test per refusal -------------------------------------------------------
+
+
+def valid(device):
+    _, y, switches = pooled(device, (11, 11), 3, 2, 0, False, batch=2, channels=3)
+    return y, switches
+
+
+def test_rejects_wrong_rank(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: expected a 4-D y"):
+        zfkernels.unpool(y[0], switches, (11, 11), 3, 2)
+
+
+def test_rejects_integer_y(device):
+    y, switches = valid(device)
+    with pytest.raises(TypeError, match=r"unpool: y must be float"):
+        zfkernels.unpool(y.long(), switches, (11, 11), 3, 2)
+
+
+def test_rejects_switches_of_another_dtype(device):
+    y, switches = valid(device)
+    with pytest.raises(TypeError, match=r"unpool: switches must be uint8"):
+        zfkernels.unpool(y, switches.long(), (11, 11), 3, 2)
+
+
+def test_rejects_switches_of_another_shape(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: switches shape .* does not match y"):
+        zfkernels.unpool(y, switches[:, :2], (11, 11), 3, 2)
+
+
+def test_rejects_corrupt_switches(device):
+    y, switches = valid(device)
+    bad = switches.clone()
+    bad[1, 2, 3, 4] = 200
+    with pytest.raises(ValueError, match=r"unpool: switches hold 1 value\(s\) .*corrupt"):
+        zfkernels.unpool(y, bad, (11, 11), 3, 2)
+
+
+def test_rejects_switches_pointing_into_padding(device):
+    _, y, switches = pooled(device, (11, 11), 3, 2, 1, False)
+    bad = switches.clone()
+    bad[0, 0, 0, 0] = 0  # window (0, 0) starts at (-1, -1)
+    with pytest.raises(ValueError, match=r"unpool: switches hold 1 value"):
+        zfkernels.unpool(y, bad, (11, 11), 3, 2, 1)
+
+
+def test_rejects_input_size_that_cannot_have_produced_y(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: input_size \[15, 11\] cannot have produced"):
+        zfkernels.unpool(y, switches, (15, 11), 3, 2)
+
+
+@pytest.mark.parametrize("rows", [[0, 2], [-1, 0], [0, 5]])
+def test_rejects_rows_out_of_range(device, rows):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: rows holds indices outside \[0, 2\)"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor(rows, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_rejects_rows_of_wrong_dtype(device, dtype):
+    y, switches = valid(device)
+    with pytest.raises(TypeError, match=r"unpool: rows must be int64"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor([0, 1], dtype=dtype, device=device))
+
+
+def test_rejects_rows_of_wrong_length(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: rows must be 1-D of length 2"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor([0, 1, 1], device=device))
+
+
+def test_rejects_geometry_errors(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: stride must be positive"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 0)
+    with pytest.raises(ValueError, match=r"unpool: padding"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, 2)
+    with pytest.raises(ValueError, match=r"unpool: kernel_size .* 400 elements"):
+        zfkernels.unpool(y, switches, (11, 11), 20, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not zfkernels.has_cuda(), reason="needs a CUDA GPU and the CUDA kernels")
+def test_rejects_tensors_on_different_devices():
+    y, switches = valid("cpu")
+    with pytest.raises(ValueError, match=r"unpool: switches is on cuda"):
+        zfkernels.unpool(y, switches.cuda(), (11, 11), 3, 2)
+    with pytest.raises(ValueError, match=r"unpool: rows is on cuda"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor([0, 1], device="cuda"))
