@@ -1,0 +1,119 @@
+"""The model zoo: ZFNet's sizes are the paper's Figure 3; AlexNet and VGG16 load torchvision
+state dicts and give torchvision's logits; weights files are checked key by key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from zfkernels import models
+
+
+def test_zfnet_feature_map_sizes_are_figure_3():
+    model = models.zfnet(seed=0).eval()
+    x = torch.randn(2, 3, 224, 224)
+    sizes = []
+    with torch.no_grad():
+        for module in model.features:
+            x = module(x)
+            if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+                sizes.append((type(module).__name__, x.shape[1], x.shape[2], x.shape[3]))
+    assert sizes == [
+        ("Conv2d", 96, 110, 110),
+        ("MaxPool2d", 96, 55, 55),
+        ("Conv2d", 256, 26, 26),
+        ("MaxPool2d", 256, 13, 13),
+        ("Conv2d", 384, 13, 13),
+        ("Conv2d", 384, 13, 13),
+        ("Conv2d", 256, 13, 13),
+        ("MaxPool2d", 256, 6, 6),
+    ]
+    logits = model(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 1000)
+    assert models.zfnet(num_classes=10, seed=0)(torch.randn(1, 3, 224, 224)).shape == (1, 10)
+    fc = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in fc] == [(9216, 4096), (4096, 4096), (4096, 1000)]
+    assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16"])
+def test_torchvision_state_dict_gives_torchvision_logits(arch, tmp_path):
+    torch.manual_seed(1)
+    theirs = getattr(torchvision.models, arch)(weights=None).eval()
+    path = tmp_path / f"{arch}.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = getattr(models, arch)(weights=path).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    assert isinstance(ours.features, nn.Sequential) and isinstance(ours.classifier, nn.Sequential)
+
+
+def test_seeded_construction_is_deterministic_and_leaves_the_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = models.zfnet(seed=3), models.zfnet(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert not torch.equal(a.features[0].weight, models.zfnet(seed=4).features[0].weight)
+
+
+def test_models_move_to_any_dtype():
+    model = models.alexnet(seed=0).to(torch.bfloat16).eval()
+    assert model(torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model", "module."])
+def test_checkpoint_wrappers_load(tmp_path, wrapper):
+    source = models.zfnet(seed=5)
+    state = source.state_dict()
+    if wrapper == "module.":
+        payload = {f"module.{k}": v for k, v in state.items()}
+    else:
+        payload = {wrapper: state, "epoch": 3}
+    path = tmp_path / "ckpt.pt"
+    torch.save(payload, path)
+    loaded = models.zfnet(weights=path)
+    assert torch.equal(loaded.features[0].weight, source.features[0].weight)
+
+
+def test_weights_of_another_architecture_name_the_keys(tmp_path):
+    path = tmp_path / "alexnet.pth"
+    torch.save(models.alexnet(seed=0).state_dict(), path)
+    with pytest.raises(ValueError, match=r"zfnet: weights .* do not fit.*mis-shaped: .*features.0.weight \(file \(64, 3, 11, 11\), model \(96, 3, 7, 7\)\)"):
+        models.zfnet(weights=path)
+    state = models.zfnet(seed=0).state_dict()
+    del state["classifier.6.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"missing: classifier.6.bias; unexpected: extra.weight"):
+        models.zfnet(weights=path)
+
+
+def test_unsafe_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": models.zfnet(seed=0).state_dict(), "cls": nn.ReLU}, path)
+    with pytest.raises(ValueError, match=r"cannot load weights"):
+        models.zfnet(weights=path)
+
+
+def test_missing_files_and_torchvision_cache(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        models.zfnet(weights=tmp_path / "nope.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"nothing is downloaded.*alexnet-owt-7be5be79.pth"):
+        models.alexnet(weights="torchvision")
+    cached = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(models.vgg16(seed=2).state_dict(), cached)
+    assert torch.equal(models.vgg16(weights="torchvision").features[0].weight, models.vgg16(seed=2).features[0].weight)
+    with pytest.raises(ValueError, match=r"torchvision has no ZFNet weights"):
+        models.zfnet(weights="torchvision")
+
+
+def test_build_by_name():
+    assert isinstance(models.build("zfnet", seed=0), models.ZFNet)
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet'"):
+        models.build("resnet")
