@@ -38,7 +38,23 @@ POOL_GEOMETRIES = [
     ((2, 3), 2, 1, 1, True),
     ((3, 2), 3, 3, 1, True),
     ((16, 16), 16, 16, 0, False),  # a 256-element window: the largest a switch addresses
+    ((13, 11), 6, 3, 3, False),
+    ((6, 6), 6, 1, 0, True),  # one window covering the whole map
+    ((10, 12), (6, 2), (2, 3), (3, 1), True),
+    ((5, 9), (1, 5), (1, 2), (0, 2), True),
+    ((8, 8), (2, 7), (3, 1), (1, 3), False),
+    ((5, 7), (7, 1), (2, 1), (3, 0), True),
+    ((7, 5), 3, 3, 1, False),
 ]
+# A handful of the above, for tests that multiply them by dtypes and layouts.
+SMALL_GEOMETRIES = [
+    ((11, 13), 3, 2, 1, True),
+    ((2, 3), 2, 1, 1, True),
+    ((12, 9), 7, 3, 3, True),
+    ((10, 12), (6, 2), (2, 3), (3, 1), True),
+    ((8, 10), 1, 3, 0, True),
+]
+HOSTILE_KINDS = ["normal", "ties", "relu", "nonfinite", "neg_inf"]
 
 
 def geometry_id(g) -> str:
@@ -63,7 +79,8 @@ def sliced(t: torch.Tensor) -> torch.Tensor:
     wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1] + 1,), dtype=t.dtype, device=t.device)
     wide[..., 1::2] = t
     view = wide[..., 1::2]
-    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+    if t.numel() > 0:  # (an empty tensor counts as contiguous whatever its strides)
+        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
     return view
 
 
@@ -85,6 +102,26 @@ def shared_images() -> Path:
     if not SHARED_IMAGES.is_dir():
         pytest.skip(f"real images not available: {SHARED_IMAGES} is absent (it lives in ../shared beside the repo)")
     return SHARED_IMAGES
+
+
+def hostile(shape, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """float32 values of ``shape`` (on the CPU) that stress argmax selection."""
+    x = torch.randn(shape, generator=generator)
+    if kind == "ties":  # heavy ties: values from {0, 1}
+        x = (x > 0).float()
+    elif kind == "relu":  # many all-zero windows, as after a ReLU
+        x = torch.relu(x - 1.0)
+    elif kind == "nonfinite":  # NaN, +inf and -inf sprinkled over the map
+        flat = x.view(-1)
+        picks = torch.randperm(flat.numel(), generator=generator)[: max(3, flat.numel() // 7)]
+        values = torch.tensor([float("nan"), float("inf"), float("-inf")])
+        flat[picks] = values[torch.arange(picks.numel()) % 3]
+    elif kind == "neg_inf":  # windows holding nothing but -inf
+        x.fill_(float("-inf"))
+        x.view(-1)[::5] = 1.0
+    else:
+        assert kind == "normal", kind
+    return x
 
 
 def assert_same_values(actual: torch.Tensor, expected: torch.Tensor) -> None:

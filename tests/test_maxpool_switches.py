@@ -12,29 +12,20 @@ import torch.nn.functional as F
 import zfkernels
 from zfkernels import reference
 
-from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, assert_same_values, geometry_id
-
-
-
-def hostile(shape, kind: str, generator: torch.Generator) -> torch.Tensor:
-    x = torch.randn(shape, generator=generator)
-    if kind == "ties":  # heavy ties: values from {0, 1}
-        x = (x > 0).float()
-    elif kind == "relu":  # all-zero windows after ReLU
-        x = torch.relu(x - 1.0)
-    elif kind == "nonfinite":
-        flat = x.view(-1)
-        picks = torch.randperm(flat.numel(), generator=generator)[: max(3, flat.numel() // 7)]
-        values = torch.tensor([float("nan"), float("inf"), float("-inf")])
-        flat[picks] = values[torch.arange(picks.numel()) % 3]
-    elif kind == "neg_inf":  # windows holding nothing but -inf
-        x.fill_(float("-inf"))
-        x.view(-1)[::5] = 1.0
-    return x
+from conftest import (
+    DTYPES,
+    HOSTILE_KINDS,
+    LAYOUTS,
+    POOL_GEOMETRIES,
+    SMALL_GEOMETRIES,
+    assert_same_values,
+    geometry_id,
+    hostile,
+)
 
 
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
-@pytest.mark.parametrize("kind", ["normal", "ties", "relu", "nonfinite", "neg_inf"])
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
 def test_matches_max_pool2d_and_reference(device, geometry, kind):
     size, k, s, p, ceil = geometry
     gen = torch.Generator().manual_seed(zlib.crc32(repr(geometry + (kind,)).encode()))
@@ -62,6 +53,38 @@ def test_dtypes_and_layouts(device, dtype, layout_name):
         assert torch.equal(zfkernels.switches_to_indices(switches, x.shape[-2:], k, s, p), indices)
 
 
+def check_against_pytorch(x, geometry):
+    """out == F.max_pool2d (NaN-aware), uint8 switches == the reference's, indices == PyTorch's."""
+    size, k, s, p, ceil = geometry
+    out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+    expected, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+    assert_same_values(out, expected)
+    assert switches.dtype == torch.uint8 and switches.element_size() == 1 and switches.shape == out.shape
+    _, ref_switches = reference.maxpool_switches(x, k, s, p, ceil)
+    assert torch.equal(switches, ref_switches)
+    assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p), indices)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_hostile_values_in_every_dtype_and_layout(device, dtype, layout_name, kind):
+    for geometry in SMALL_GEOMETRIES:
+        gen = torch.Generator().manual_seed(zlib.crc32(repr((geometry, kind, str(dtype))).encode()))
+        base = hostile((2, 4) + geometry[0], kind, gen)
+        x = LAYOUTS[layout_name](base.to(device, dtype))
+        check_against_pytorch(x, geometry)
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("layout_name", ["channels_last", "sliced"])
+def test_every_geometry_in_strided_layouts(device, geometry, layout_name):
+    for kind in ("ties", "nonfinite"):
+        gen = torch.Generator().manual_seed(zlib.crc32(repr((geometry, kind, layout_name)).encode()))
+        x = LAYOUTS[layout_name](hostile((2, 5) + geometry[0], kind, gen).to(device))
+        check_against_pytorch(x, geometry)
+
+
 def test_channels_last_output_follows_input(device):
     x = torch.randn(2, 8, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
     out, switches = zfkernels.maxpool_switches(x, 3, 2)
@@ -86,11 +109,16 @@ def test_ties_pick_the_first_maximum(device):
 
 
 @pytest.mark.parametrize("ceil", [False, True])
-def test_empty_batch(device, ceil):
-    x = torch.randn(0, 4, 11, 11, device=device)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_empty_batch(device, ceil, dtype, layout_name):
+    x = LAYOUTS[layout_name](torch.randn(0, 4, 12, 12, device=device, dtype=dtype))
     out, switches = zfkernels.maxpool_switches(x, 3, 2, 0, ceil)
     expected = F.max_pool2d(x, 3, 2, 0, ceil_mode=ceil)
-    assert out.shape == expected.shape == switches.shape
+    assert out.shape == expected.shape == switches.shape == ((0, 4, 6, 6) if ceil else (0, 4, 5, 5))
+    assert out.dtype == dtype and switches.dtype == torch.uint8
+    assert out.device == x.device and switches.device == x.device
+    assert zfkernels.switches_to_indices(switches, (12, 12), 3, 2).shape == out.shape
 
 
 def test_switch_memory_is_one_byte_per_pooled_element(device):

@@ -12,16 +12,13 @@ import torch.nn.functional as F
 import zfkernels
 from zfkernels import reference
 
-from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, geometry_id, tolerance
-
+from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, SMALL_GEOMETRIES, geometry_id, hostile, tolerance
 
 
 def pooled(device, size, k, s, p, ceil, batch=2, channels=3, kind="normal", seed=0):
+    """Switches of a pooled ``kind`` map (see conftest.hostile) and a random y of their shape."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, channels) + size, generator=gen)
-    if kind == "ties":
-        x = (x > 0.5).float()
-    x = x.to(device)
+    x = hostile((batch, channels) + size, kind, gen).to(device)
     out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
     y = torch.randn(out.shape, generator=gen).to(device)
     return x, y, switches
@@ -29,10 +26,10 @@ def pooled(device, size, k, s, p, ceil, batch=2, channels=3, kind="normal", seed
 
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
 @pytest.mark.parametrize("rectify", [False, True])
-@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "relu"])
 def test_matches_reference(device, geometry, rectify, kind):
     size, k, s, p, ceil = geometry
-    _, y, switches = pooled(device, size, k, s, p, ceil, kind=kind, seed=zlib.crc32(repr(geometry).encode()))
+    _, y, switches = pooled(device, size, k, s, p, ceil, kind=kind, seed=zlib.crc32(repr((geometry, kind)).encode()))
     got = zfkernels.unpool(y, switches, size, k, s, p, rectify=rectify)
     want = reference.unpool(y, switches, size, k, s, p, rectify=rectify)
     assert got.shape == (y.shape[0], y.shape[1]) + size
@@ -51,6 +48,24 @@ def test_is_the_adjoint_of_pooling(device, geometry):
     lhs = (gathered * y).sum()
     rhs = (x * zfkernels.unpool(y, switches, size, k, s, p)).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", SMALL_GEOMETRIES, ids=geometry_id)
+def test_is_the_adjoint_of_pooling_in_float32_with_rows(device, geometry):
+    """The same identity for float32 unpooling through rows=: the inner products in float64,
+    row b pairing y[b] with image rows[b]'s switches."""
+    size, k, s, p, ceil = geometry
+    _, _, switches = pooled(device, size, k, s, p, ceil, batch=3, channels=4, kind="relu", seed=4)
+    rows = torch.tensor([2, 0, 2, 1, 2], device=device)
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn((5,) + tuple(switches.shape[1:]), generator=gen).to(device)
+    x = torch.randn((5, 4) + size, generator=gen, dtype=torch.float64).to(device)
+    indices = zfkernels.switches_to_indices(switches, size, k, s, p)[rows]
+    lhs = (torch.gather(x.flatten(2), 2, indices.flatten(2)).view(y.shape) * y.double()).sum()
+    unpooled = zfkernels.unpool(y, switches, size, k, s, p, rows=rows)
+    assert unpooled.dtype == torch.float32
+    rhs = (x * unpooled.double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-5)
 
 
 def test_shared_argmax_sums_where_max_unpool2d_overwrites(device):
@@ -91,15 +106,18 @@ def test_rows_accepts_a_strided_index_vector(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("y_layout", list(LAYOUTS))
 @pytest.mark.parametrize("switch_layout", list(LAYOUTS))
-def test_dtypes_and_layouts(device, dtype, y_layout, switch_layout):
-    size = (17, 19)
-    _, y, switches = pooled(device, size, 3, 2, 1, True, batch=2, channels=6, kind="ties", seed=5)
+@pytest.mark.parametrize("geometry", [((17, 19), 3, 2, 1, True)] + SMALL_GEOMETRIES, ids=geometry_id)
+def test_dtypes_and_layouts(device, dtype, y_layout, switch_layout, geometry):
+    """Values only: the output's own layout may be either."""
+    size, k, s, p, ceil = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, batch=2, channels=6, kind="ties", seed=5)
     y = LAYOUTS[y_layout](y.to(dtype))
     sw = LAYOUTS[switch_layout](switches)
     for rectify in (False, True):
-        got = zfkernels.unpool(y, sw, size, 3, 2, 1, rectify=rectify)
-        assert got.dtype == dtype
-        torch.testing.assert_close(got, reference.unpool(y, sw, size, 3, 2, 1, rectify=rectify), **tolerance(dtype))
+        got = zfkernels.unpool(y, sw, size, k, s, p, rectify=rectify)
+        assert got.dtype == dtype and got.shape == (2, 6) + size
+        want = reference.unpool(y.contiguous(), switches, size, k, s, p, rectify=rectify)
+        torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
 def test_layouts_give_bitwise_equal_results(device):
@@ -130,12 +148,17 @@ def test_repeated_calls_are_bitwise_identical(device):
         assert torch.equal(first, zfkernels.unpool(y3, switches, (110, 110), 3, 2, rows=rows, rectify=True))
 
 
-def test_empty_batch(device):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rectify", [False, True])
+def test_empty_batch(device, dtype, rectify):
     switches = torch.zeros(2, 3, 5, 5, dtype=torch.uint8, device=device)
-    y = torch.randn(0, 3, 5, 5, device=device)
+    y = torch.randn(0, 3, 5, 5, device=device, dtype=dtype)
     rows = torch.zeros(0, dtype=torch.int64, device=device)
-    assert zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=rows).shape == (0, 3, 11, 11)
-    assert zfkernels.unpool(y, switches[:0], (11, 11), 3, 2).shape == (0, 3, 11, 11)
+    for got in (
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=rows, rectify=rectify),
+        zfkernels.unpool(y, switches[:0], (11, 11), 3, 2, rectify=rectify),
+    ):
+        assert got.shape == (0, 3, 11, 11) and got.dtype == dtype and got.device == y.device
 
 
 # --- bad input: one test per refusal -------------------------------------------------------
@@ -212,14 +235,30 @@ def test_rejects_rows_of_wrong_length(device):
         zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor([0, 1, 1], device=device))
 
 
-def test_rejects_geometry_errors(device):
+@pytest.mark.parametrize("stride", [0, -2, (2, 0)])
+def test_rejects_non_positive_stride(device, stride):
     y, switches = valid(device)
     with pytest.raises(ValueError, match=r"unpool: stride must be positive"):
-        zfkernels.unpool(y, switches, (11, 11), 3, 0)
+        zfkernels.unpool(y, switches, (11, 11), 3, stride)
+
+
+def test_rejects_padding_over_half_the_kernel(device):
+    y, switches = valid(device)
     with pytest.raises(ValueError, match=r"unpool: padding"):
         zfkernels.unpool(y, switches, (11, 11), 3, 2, 2)
+
+
+def test_rejects_windows_above_256_elements(device):
+    y, switches = valid(device)
     with pytest.raises(ValueError, match=r"unpool: kernel_size .* 400 elements"):
         zfkernels.unpool(y, switches, (11, 11), 20, 2)
+
+
+def test_rejects_kernel_larger_than_the_padded_input(device):
+    y = torch.randn(1, 1, 1, 1, device=device)
+    switches = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"unpool: kernel_size .* larger than the padded input"):
+        zfkernels.unpool(y, switches, (3, 3), 5, 1)
 
 
 @pytest.mark.cuda

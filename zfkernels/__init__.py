@@ -14,11 +14,16 @@ from . import _autograd  # noqa: F401  (backward through the ops raises)
 from . import _fake  # noqa: F401  (registers the fake kernels)
 from ._build import build_info, has_cuda
 from .ops import maxpool_switches, project, switches_to_indices, unpool
+from . import models
+from .deconvnet import Deconvnet, Recording
 
 __all__ = [
+    "Deconvnet",
+    "Recording",
     "build_info",
     "has_cuda",
     "maxpool_switches",
+    "models",
     "project",
     "switches_to_indices",
     "unpool",
