@@ -1,6 +1,8 @@
 // Host-side part of project shared by both backends: checks, geometry, the dense path.
 #pragma once
 
+#include <ATen/detail/CUDAHooksInterface.h>
+
 #include "checks.h"
 #include "kernels/project.h"
 
@@ -55,13 +57,20 @@ inline at::MemoryFormat project_output_format(const at::Tensor& x) {
 }
 
 // Dense projection through the vendor library (oneDNN on CPU, cuDNN on CUDA): at these shapes
-// it is a plain transposed convolution that the library already does well.
+// it is a plain transposed convolution that the library already does well. On CUDA, cuDNN is
+// called directly with deterministic algorithms and no benchmarking: through at::conv_transpose2d
+// it may pick nondeterministic ones, and the same inputs must give the same bits.
 inline at::Tensor project_dense(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef output_padding) {
   if (x.size(0) == 0) {
     const int64_t out_h = (x.size(2) - 1) * stride[0] - 2 * padding[0] + weight.size(2) + output_padding[0];
     const int64_t out_w = (x.size(3) - 1) * stride[1] - 2 * padding[1] + weight.size(3) + output_padding[1];
     return at::empty({0, weight.size(1), out_h, out_w}, x.options().memory_format(project_output_format(x)));
+  }
+  if (x.is_cuda() && at::globalContext().userEnabledCuDNN() && at::detail::getCUDAHooks().compiledWithCuDNN()) {
+    return at::cudnn_convolution_transpose(x, weight, padding, output_padding, stride, {1, 1}, 1, /*benchmark=*/false,
+                                           /*deterministic=*/true, at::globalContext().allowTF32CuDNN())
+        .contiguous(project_output_format(x));
   }
   return at::conv_transpose2d(x, weight, {}, stride, padding, output_padding, 1, {1, 1})
       .contiguous(project_output_format(x));

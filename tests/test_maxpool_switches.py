@@ -48,19 +48,26 @@ def test_dtypes_and_layouts(device, dtype, layout_name):
     x = LAYOUTS[layout_name](base.to(device, dtype))
     for k, s, p, ceil in [(3, 2, 0, True), (3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, False), (5, 3, 2, True)]:
         out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
-        expected, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+        expected, indices = F.max_pool2d(x.contiguous(), k, s, p, ceil_mode=ceil, return_indices=True)
         assert_same_values(out, expected)
         assert torch.equal(zfkernels.switches_to_indices(switches, x.shape[-2:], k, s, p), indices)
 
 
 def check_against_pytorch(x, geometry):
-    """out == F.max_pool2d (NaN-aware), uint8 switches == the reference's, indices == PyTorch's."""
+    """out == F.max_pool2d (NaN-aware), uint8 switches == the reference's, indices == PyTorch's.
+
+    The indices (and so the reference switches) come from PyTorch on the NCHW-contiguous copy:
+    PyTorch's CUDA channels-last max-pool kernel starts every window's index at 0 (pixel (0, 0)
+    of the plane, usually outside the window), so a window holding only -inf gets index 0 there,
+    while its NCHW and CPU kernels give the window's first pixel, as the switches do.
+    """
     size, k, s, p, ceil = geometry
     out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
-    expected, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+    assert_same_values(out, F.max_pool2d(x, k, s, p, ceil_mode=ceil))
+    expected, indices = F.max_pool2d(x.contiguous(), k, s, p, ceil_mode=ceil, return_indices=True)
     assert_same_values(out, expected)
     assert switches.dtype == torch.uint8 and switches.element_size() == 1 and switches.shape == out.shape
-    _, ref_switches = reference.maxpool_switches(x, k, s, p, ceil)
+    _, ref_switches = reference.maxpool_switches(x.contiguous(), k, s, p, ceil)
     assert torch.equal(switches, ref_switches)
     assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p), indices)
 

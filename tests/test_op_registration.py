@@ -21,37 +21,64 @@ def sample_args(device):
     rows = torch.tensor([1, 0, 1], device=device)
     y_rows = torch.randn((3,) + tuple(y.shape[1:]), generator=gen).to(device)
     ops = torch.ops.zfkernels
-    return [
-        (ops.maxpool_switches.default, (x, [3, 3], [2, 2], [1, 1], True)),
-        (ops.maxpool_switches.default, (x.contiguous(memory_format=torch.channels_last), [2, 3], [1, 2], [0, 1], False)),
-        (ops.switches_to_indices.default, (switches, [11, 13], [3, 3], [2, 2], [1, 1])),
-        (ops.unpool.default, (y, switches, [11, 13], [3, 3], [2, 2], [1, 1], None, True)),
-        (ops.unpool.default, (y_rows, switches, [11, 13], [3, 3], [2, 2], [1, 1], rows, False)),
-        (ops.project.default, (maps, weight, [2, 2], [1, 1], [1, 0], channels)),
-        (ops.project.default, (torch.randn(2, 4, 6, 7, generator=gen).to(device), weight, [1, 1], [1, 1], [0, 0], None)),
-    ]
+    return {
+        "maxpool": (ops.maxpool_switches.default, (x, [3, 3], [2, 2], [1, 1], True)),
+        "maxpool-channels-last": (ops.maxpool_switches.default, (x.contiguous(memory_format=torch.channels_last), [2, 3], [1, 2], [0, 1], False)),
+        "maxpool-bf16-empty": (ops.maxpool_switches.default, (x[:0].bfloat16(), [3, 3], [2, 2], [0, 0], True)),
+        "maxpool-one-channel-channels-last": (ops.maxpool_switches.default, (x[:, :1].contiguous(memory_format=torch.channels_last), [3, 3], [2, 2], [0, 0], True)),
+        "maxpool-sliced": (ops.maxpool_switches.default, (x[..., ::2], [2, 2], [1, 1], [1, 1], False)),
+        "switches_to_indices": (ops.switches_to_indices.default, (switches, [11, 13], [3, 3], [2, 2], [1, 1])),
+        "unpool-rectify": (ops.unpool.default, (y, switches, [11, 13], [3, 3], [2, 2], [1, 1], None, True)),
+        "unpool-rows": (ops.unpool.default, (y_rows, switches, [11, 13], [3, 3], [2, 2], [1, 1], rows, False)),
+        "unpool-half-channels-last": (ops.unpool.default, (y.half().contiguous(memory_format=torch.channels_last), switches, [11, 13], [3, 3], [2, 2], [1, 1], None, True)),
+        "project-channels": (ops.project.default, (maps, weight, [2, 2], [1, 1], [1, 0], channels)),
+        "project-dense": (ops.project.default, (torch.randn(2, 4, 6, 7, generator=gen).to(device), weight, [1, 1], [1, 1], [0, 0], None)),
+        "project-dense-channels-last-half": (ops.project.default, (torch.randn(2, 4, 6, 7, generator=gen).to(device, torch.float16).contiguous(memory_format=torch.channels_last), weight.half(), [3, 3], [0, 0], [2, 1], None)),
+    }
 
 
-def test_opcheck(device):
-    for op, args in sample_args(device):
-        torch.library.opcheck(op, args)
+SAMPLE_NAMES = list(sample_args("cpu"))
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_opcheck(device, name):
+    """Schema, fake kernel, autograd registration and AOT dispatch, all default test_utils."""
+    op, args = sample_args(device)[name]
+    torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph(device):
+    """maxpool_switches -> unpool(rectify, rows) -> project(channels) and dense project, plus
+    switches_to_indices, traced in one graph (aot_eager: no C compiler needed)."""
     weight = torch.randn(8, 3, 5, 5, device=device)
 
-    def deconv_step(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    def deconv_step(x: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor):
         pooled, switches = zfkernels.maxpool_switches(x, 3, 2, 0, True)
-        up = zfkernels.unpool(pooled, switches, x.shape[-2:], 3, 2, 0, rectify=True)
-        return zfkernels.project(up[:, :1], weight, 2, 0, channels=channels)
+        up = zfkernels.unpool(pooled[rows], switches, x.shape[-2:], 3, 2, 0, rows=rows, rectify=True)
+        single = zfkernels.project(up[:, :1], weight, 2, 0, channels=channels)
+        dense = zfkernels.project(up, weight, 2, 2, output_size=(30, 30))
+        return single, dense, zfkernels.switches_to_indices(switches, x.shape[-2:], 3, 2, 0)
 
     compiled = torch.compile(deconv_step, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 8, 15, 15, device=device)
-    channels = torch.tensor([1, 7, 1], device=device)
-    assert torch.equal(compiled(x, channels), deconv_step(x, channels))
+    channels = torch.tensor([1, 7, 1, 0], device=device)
+    rows = torch.tensor([2, 0, 2, 1], device=device)
+    got, want = compiled(x, channels, rows), deconv_step(x, channels, rows)
+    assert got[1].shape == (4, 3, 30, 30)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # and the same pipeline through the reference
+    pooled, switches = reference.maxpool_switches(x, 3, 2, 0, True)
+    up = reference.unpool(pooled[rows], switches, (15, 15), 3, 2, 0, rows=rows, rectify=True)
+    torch.testing.assert_close(got[0], reference.project(up[:, :1], weight, 2, 0, channels=channels))
+    torch.testing.assert_close(got[1], reference.project(up, weight, 2, 2, output_size=(30, 30)))
 
 
 def test_backward_through_an_op_raises(device):
+    """What torch does here: each op has an autograd formula that raises (zfkernels/_autograd.py),
+    so outputs computed from a tensor that requires grad do require grad, and backward raises a
+    RuntimeError naming the op; no gradient is ever produced. The uint8/int64 outputs never
+    require grad."""
     x = torch.randn(1, 2, 6, 6, device=device, requires_grad=True)
     out, _ = zfkernels.maxpool_switches(x, 2)
     with pytest.raises(RuntimeError, match=r"zfkernels.maxpool_switches: this op is inference-only"):
@@ -62,6 +89,24 @@ def test_backward_through_an_op_raises(device):
         projected.sum().backward()
     with torch.no_grad():
         assert not zfkernels.maxpool_switches(x, 2)[0].requires_grad
+    assert x.grad is None and weight.grad is None
+
+
+def test_backward_through_unpool_raises(device):
+    x = torch.randn(1, 2, 6, 6, device=device)
+    _, switches = zfkernels.maxpool_switches(x, 2)
+    assert not switches.requires_grad
+    assert not zfkernels.switches_to_indices(switches, (6, 6), 2).requires_grad
+    y = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)
+    up = zfkernels.unpool(y, switches, (6, 6), 2, rectify=True)
+    assert up.requires_grad
+    with pytest.raises(RuntimeError, match=r"zfkernels.unpool: this op is inference-only"):
+        up.sum().backward()
+    with pytest.raises(RuntimeError, match=r"zfkernels.unpool: this op is inference-only"):
+        torch.autograd.grad(up.sum(), y)
+    assert y.grad is None
+    # Detached inputs: an ordinary inference result.
+    assert not zfkernels.unpool(y.detach(), switches, (6, 6), 2).requires_grad
 
 
 def test_reference_and_ops_share_signatures():

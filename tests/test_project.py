@@ -24,6 +24,9 @@ GEOMETRIES = [
     ((6, 2, 1, 1), 1, 0, (4, 4), None),
     ((5, 3, 3, 2), (2, 1), (1, 0), (3, 5), None),
     ((4, 2, 7, 7), 1, 4, (9, 9), None),  # padding beyond the kernel: the shared body
+    ((5, 3, 3, 3), 3, 0, (4, 5), (12, 17)),  # stride 3, output padding 2 on one axis
+    ((3, 4, 5, 5), 3, 2, (1, 1), None),  # a 1x1 map
+    ((4, 3, 1, 1), 2, 0, (3, 4), (6, 8)),  # 1x1 kernel, stride 2: output padding fills zeros
 ]
 
 
@@ -42,6 +45,9 @@ def test_channels_matches_grouped_conv_transpose(device, geometry):
     channels[3] = channels[0]  # repeats
     got = zfkernels.project(x, weight, s, p, out_size, channels=channels)
     want = reference.project(x, weight, s, p, out_size, channels=channels)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    if out_size is not None:
+        assert tuple(got.shape[-2:]) == tuple(out_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Independent check of the reference path: one plain conv_transpose2d per row.
     for b in (0, 5):
@@ -57,6 +63,8 @@ def test_dense_matches_conv_transpose(device, geometry):
     weight = torch.randn(wshape, generator=gen).to(device)
     x = torch.randn((3, wshape[0]) + hw, generator=gen).to(device)
     got = zfkernels.project(x, weight, s, p, out_size)
+    if out_size is not None:
+        assert tuple(got.shape[-2:]) == tuple(out_size)
     torch.testing.assert_close(got, reference.project(x, weight, s, p, out_size), rtol=1e-5, atol=1e-5)
 
 
@@ -79,9 +87,10 @@ def test_dtypes_and_layouts(device, dtype, layout_name, wshape, s, p):
     got = zfkernels.project(x, weight, s, p, channels=channels)
     assert got.dtype == dtype
     torch.testing.assert_close(got, reference.project(x, weight, s, p, channels=channels), **tolerance(dtype))
-    if layout_name != "sliced" or dtype == torch.float32:  # dense: the vendor library
-        dense = torch.randn((2, wshape[0], 7, 8), device=device).to(dtype)
-        torch.testing.assert_close(zfkernels.project(LAYOUTS[layout_name](dense), weight, s, p), reference.project(dense, weight, s, p), **tolerance(dtype))
+    dense = torch.randn((2, wshape[0], 7, 8), device=device).to(dtype)
+    got = zfkernels.project(LAYOUTS[layout_name](dense), weight, s, p)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, reference.project(dense, weight.contiguous(), s, p), **tolerance(dtype))
 
 
 def test_non_finite_weights_propagate_like_the_reference(device):
@@ -99,12 +108,28 @@ def test_repeated_calls_are_bitwise_identical(device):
         assert torch.equal(first, zfkernels.project(x, weight, 1, 1, channels=channels))
 
 
-def test_empty_batch(device):
-    weight = torch.randn(8, 5, 3, 3, device=device)
-    x = torch.randn(0, 1, 6, 6, device=device)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_repeated_calls_are_bitwise_identical(device, dtype):
+    """The dense path too (on CUDA it must not let the library pick a nondeterministic algorithm)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(32, 16, 5, 5, generator=gen).to(device, dtype)
+    x = torch.randn(8, 32, 13, 13, generator=gen).to(device, dtype)
+    first = zfkernels.project(x, weight, 2, 1)
+    for _ in range(3):
+        assert torch.equal(first, zfkernels.project(x, weight, 2, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(device, dtype):
+    weight = torch.randn(8, 5, 3, 3, device=device, dtype=dtype)
+    x = torch.randn(0, 1, 6, 6, device=device, dtype=dtype)
     channels = torch.zeros(0, dtype=torch.int64, device=device)
-    assert zfkernels.project(x, weight, 2, 1, channels=channels).shape == (0, 5, 11, 11)
-    assert zfkernels.project(torch.randn(0, 8, 6, 6, device=device), weight, 2, 1).shape == (0, 5, 11, 11)
+    for got, shape in (
+        (zfkernels.project(x, weight, 2, 1, channels=channels), (0, 5, 11, 11)),
+        (zfkernels.project(torch.randn(0, 8, 6, 6, device=device, dtype=dtype), weight, 2, 1), (0, 5, 11, 11)),
+        (zfkernels.project(x, weight, 2, 1, output_size=(12, 11), channels=channels), (0, 5, 12, 11)),
+    ):
+        assert got.shape == shape and got.dtype == dtype and got.device == x.device
 
 
 # --- bad input: one test per refusal -------------------------------------------------------
@@ -143,20 +168,34 @@ def test_rejects_channels_out_of_range(device, channels):
         zfkernels.project(torch.randn(2, 1, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device), channels=torch.tensor(channels, device=device))
 
 
-def test_rejects_channels_of_wrong_dtype_or_length(device):
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_rejects_channels_of_wrong_dtype(device, dtype):
     x, w = torch.randn(2, 1, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
     with pytest.raises(TypeError, match=r"project: channels must be int64"):
-        zfkernels.project(x, w, channels=torch.tensor([0, 1], dtype=torch.int32, device=device))
+        zfkernels.project(x, w, channels=torch.tensor([0, 1], dtype=dtype, device=device))
+
+
+def test_rejects_channels_of_wrong_length(device):
+    x, w = torch.randn(2, 1, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
     with pytest.raises(ValueError, match=r"project: channels must be 1-D of length 2"):
         zfkernels.project(x, w, channels=torch.tensor([0, 1, 2], device=device))
 
 
-def test_rejects_bad_stride_and_output_size(device):
+@pytest.mark.parametrize("stride", [0, -1, (1, 0)])
+def test_rejects_non_positive_stride(device, stride):
     x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
     with pytest.raises(ValueError, match=r"project: stride must be positive"):
-        zfkernels.project(x, w, 0)
+        zfkernels.project(x, w, stride)
+
+
+def test_rejects_unreachable_output_size(device):
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
     with pytest.raises(ValueError, match=r"project: output_size \(20, 20\) is not reachable"):
         zfkernels.project(x, w, 2, 1, output_size=(20, 20))
+
+
+def test_rejects_output_padding_not_below_stride(device):
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
     with pytest.raises(ValueError, match=r"project: output_padding must be"):
         torch.ops.zfkernels.project(x, w, [2, 2], [1, 1], [2, 0], None)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import zfkernels
 from zfkernels import reference
 
-from conftest import LAYOUTS
+from conftest import LAYOUTS, POOL_GEOMETRIES, geometry_id, hostile
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
@@ -31,6 +31,35 @@ def test_round_trip_from_pytorch_indices(device):
     _, indices = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
     _, switches = reference.maxpool_switches(x, 3, 2, 1, True)
     assert torch.equal(zfkernels.switches_to_indices(switches, (20, 17), 3, 2, 1), indices)
+
+
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+def test_round_trip_over_every_geometry(device, geometry):
+    """PyTorch's indices of a tie-heavy map -> switches (reference arithmetic) -> indices (kernel)."""
+    size, k, s, p, ceil = geometry
+    x = hostile((2, 3) + size, "ties", torch.Generator().manual_seed(1)).to(device)
+    _, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+    _, switches = reference.maxpool_switches(x, k, s, p, ceil)
+    assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p), indices)
+
+
+@pytest.mark.parametrize("geometry", [((9, 11), (3, 2), (2, 1), (0, 0)), ((13, 13), 5, 3, 0), ((7, 8), 7, 1, 0)])
+def test_arbitrary_switches_convert_and_invert(device, geometry):
+    """Any switch is valid without padding and ceil_mode; the kernel's indices invert back to
+    the switches by the window arithmetic of the guide (flat h * W + w, origin oh * sH, ow * sW)."""
+    size, k, s, p = geometry
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (s, s) if isinstance(s, int) else s
+    out_h, out_w = (size[0] - kh) // sh + 1, (size[1] - kw) // sw + 1
+    switches = torch.randint(0, kh * kw, (2, 3, out_h, out_w), generator=torch.Generator().manual_seed(2), dtype=torch.uint8).to(device)
+    got = zfkernels.switches_to_indices(switches, size, k, s, p)
+    assert torch.equal(got, reference.switches_to_indices(switches, size, k, s, p))
+    rows, cols = got // size[1], got % size[1]
+    row0 = (torch.arange(out_h, device=device) * sh).view(-1, 1)
+    col0 = (torch.arange(out_w, device=device) * sw).view(1, -1)
+    assert ((rows - row0) >= 0).all() and ((rows - row0) < kh).all()
+    assert ((cols - col0) >= 0).all() and ((cols - col0) < kw).all()
+    assert torch.equal(((rows - row0) * kw + (cols - col0)).to(torch.uint8), switches)
 
 
 def test_empty_batch(device):
@@ -64,6 +93,25 @@ def test_rejects_input_size_that_cannot_fit(device):
     switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
     with pytest.raises(ValueError, match=r"switches_to_indices: input_size \[20, 20\] cannot have produced"):
         zfkernels.switches_to_indices(switches, (20, 20), 3, 2)
+
+
+@pytest.mark.parametrize("stride", [0, -1])
+def test_rejects_non_positive_stride(device, stride):
+    switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: stride must be positive"):
+        zfkernels.switches_to_indices(switches, (11, 11), 3, stride)
+
+
+def test_rejects_padding_over_half_the_kernel(device):
+    switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: padding"):
+        zfkernels.switches_to_indices(switches, (11, 11), 3, 2, 2)
+
+
+def test_rejects_windows_above_256_elements(device):
+    switches = torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: kernel_size .* 289 elements"):
+        zfkernels.switches_to_indices(switches, (34, 34), 17)
 
 
 def test_rejects_wrong_rank(device):

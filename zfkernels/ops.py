@@ -5,8 +5,9 @@ The wrappers only normalise arguments (an int or a pair, ``stride`` defaulting t
 happens in the C++ kernels (and in the fake kernels of ``_fake.py`` under tracing), so
 calling ``torch.ops.zfkernels.*`` directly is exactly as safe.
 
-These are inference ops: they have no autograd formula. Their outputs do not require
-grad, and backpropagating through them raises (see ``tests/test_autograd.py``).
+These are inference ops without a derivative: their autograd formula raises, so a backward
+pass through them fails with a message naming the op instead of returning a wrong gradient
+(``zfkernels/_autograd.py``; ``tests/test_op_registration.py``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ def maxpool_switches(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``F.max_pool2d(return_indices=True)`` with the indices turned into uint8 switches."""
     kernel, strides, pad = _geometry("maxpool_switches", kernel_size, stride, padding)
-    out, indices = F.max_pool2d(x, kernel, strides, pad, ceil_mode=ceil_mode, return_indices=True)
+    # Through a contiguous copy: PyTorch's CUDA channels-last kernel reports index 0 (not the
+    # window's first pixel) for a window of nothing but -inf, which is no switch at all.
+    out, indices = F.max_pool2d(x.contiguous(), kernel, strides, pad, ceil_mode=ceil_mode, return_indices=True)
     width = x.shape[-1]
     row0, col0 = _window_origins((out.shape[-2], out.shape[-1]), strides, pad, x.device)
     offsets = (indices // width - row0) * kernel[1] + (indices % width - col0)
