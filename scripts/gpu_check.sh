@@ -10,7 +10,7 @@ echo "GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(), torch.__v
 ZFK_CUDA_ARCH_LIST="$arch" ZFK_PTXAS_VERBOSE=1 MAX_JOBS=16 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt"
-$PY -m pytest -q -p no:cacheprovider -k cuda "${@:-tests}" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
+$PY -m pytest -q -p no:cacheprovider -m cuda "${@:-tests}" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
 $PY benchmarks/bench_ops.py --device cuda --dtype float32 bfloat16 --json "$OUT/bench_ops_cuda.json" > "$OUT/bench_ops_cuda.log" 2>&1
 grep -E "^(maxpool|unpool|project)" "$OUT/bench_ops_cuda.log"
 if [ -f benchmarks/bench_deconvnet.py ]; then

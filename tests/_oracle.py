@@ -82,7 +82,9 @@ def oracle(
             h = _IdentityBackward.apply(h, stage.module) if mode == "deconvnet" else stage.module(h)
     assert activation is not None
     seed = torch.zeros_like(activation)
-    b = torch.arange(rows.shape[0])
+    b = torch.arange(rows.shape[0], device=activation.device)
+    rows, channels = rows.to(activation.device), channels.to(activation.device)
+    positions = None if positions is None else positions.to(activation.device)
     if positions is None:
         seed[b, channels] = activation[b, channels].detach()
     else:

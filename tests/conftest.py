@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -61,7 +62,8 @@ def geometry_id(g) -> str:
     return "x".join(map(str, g[0])) + f"-k{g[1]}s{g[2]}p{g[3]}{'c' if g[4] else ''}"
 
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# ZFK_SAMPLE_IMAGES points elsewhere (e.g. a copy on a GPU machine that has no ../shared).
+SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 
 if torch.cuda.is_available():
     # Compare against references in true float32: no TF32 in cuDNN or cuBLAS.

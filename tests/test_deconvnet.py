@@ -53,11 +53,12 @@ def check_layer(dn: Deconvnet, rec, images, layer: str, mode: str = "deconvnet",
 
 
 @pytest.mark.parametrize("arch", ["zfnet", "alexnet"])
-def test_every_layer_equals_the_oracle(photos, arch):
-    dn = Deconvnet(models.build(arch, seed=0).eval())
-    rec = dn.record(photos)
+def test_every_layer_equals_the_oracle(photos, arch, device):
+    dn = Deconvnet(models.build(arch, seed=0).eval().to(device))
+    images = photos.to(device)
+    rec = dn.record(images)
     for layer in dn.layers:
-        check_layer(dn, rec, photos, layer)
+        check_layer(dn, rec, images, layer)
 
 
 @pytest.mark.slow
@@ -71,11 +72,12 @@ def test_vgg16_layers_equal_the_oracle(photos):
 
 
 @pytest.mark.parametrize("mode", ["guided", "backprop"])
-def test_guided_and_backprop_equal_their_autograd_definitions(photos, mode):
-    dn = Deconvnet(models.zfnet(seed=0).eval())
-    rec = dn.record(photos[:2])
+def test_guided_and_backprop_equal_their_autograd_definitions(photos, mode, device):
+    dn = Deconvnet(models.zfnet(seed=0).eval().to(device))
+    images = photos[:2].to(device)
+    rec = dn.record(images)
     for layer in ("conv1", "conv2", "conv5"):
-        check_layer(dn, rec, photos[:2], layer, mode=mode)
+        check_layer(dn, rec, images, layer, mode=mode)
 
 
 def test_modes_differ_from_each_other(photos):
