@@ -103,7 +103,8 @@ def run(device: torch.device, layers: List[str], chunk: int) -> Tuple[List[Dict[
         measured = {}
         for description, fn in timers.items():
             t = benchmark.Timer("with torch.no_grad(): fn()", globals={"fn": fn, "torch": torch},
-                                label="Deconvnet.project (Figure 2 workload)", sub_label=sub, description=description)
+                                label="Deconvnet.project (Figure 2 workload)", sub_label=sub, description=description,
+                                num_threads=torch.get_num_threads())
             measured[description] = t.blocked_autorange(min_run_time=2.0)
             results.append(measured[description])
         row = dict(layer=layer, selections=int(rows.shape[0]), device=device.type,

@@ -137,6 +137,18 @@ class Deconvnet:
             raise ValueError(f"Deconvnet.record: images must be an (N, 3, H, W) tensor, got {shape}")
         if not images.is_floating_point():
             raise TypeError(f"Deconvnet.record: images must be floating point, got {images.dtype}")
+        weight = self.stages[0].module.weight if self.stages and self.stages[0].kind == "conv" else None
+        if weight is not None and images.device != weight.device:
+            raise ValueError(
+                f"Deconvnet.record: images are on {images.device} but the model is on {weight.device}; "
+                "move one to the other"
+            )
+        if weight is not None and images.dtype != weight.dtype:
+            raise TypeError(
+                f"Deconvnet.record: images are {images.dtype} but the model is {weight.dtype}; "
+                "convert one to the other (model.to(dtype) or images.to(dtype))"
+            )
+        self.map_sizes((images.shape[-2], images.shape[-1]))  # images too small for the model: say so before the forward
         activations: Dict[str, torch.Tensor] = {}
         switches: Dict[int, torch.Tensor] = {}
         norm_inputs: Dict[int, torch.Tensor] = {}
@@ -166,12 +178,54 @@ class Deconvnet:
         top = self._conv_index(layer)
         return [s.window for s in self.stages[: top + 1] if s.window is not None]
 
+    def map_sizes(self, image_size: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """The map size entering each stage for images of ``image_size``, then the last stage's
+        output (what ``Recording.sizes`` holds), by PyTorch's output-size arithmetic. Raises
+        ``ValueError`` naming the stage where the images are too small for the model."""
+        size = (int(image_size[0]), int(image_size[1]))
+        if min(size) < 1:
+            raise ValueError(f"Deconvnet: image size {size} must be positive")
+        sizes = [size]
+        for stage in self.stages:
+            if stage.window is not None:
+                w = stage.window
+                out = []
+                for axis in range(2):
+                    n, k, s, p = size[axis], w.kernel[axis], w.stride[axis], w.padding[axis]
+                    if n + 2 * p < k:
+                        raise ValueError(
+                            f"Deconvnet: images of {image_size[0]}x{image_size[1]} are too small for this model: "
+                            f"{stage.name or stage.kind} ({type(stage.module).__name__}, kernel {w.kernel}) "
+                            f"receives a {size[0]}x{size[1]} map"
+                        )
+                    o = (n + 2 * p - k + (s - 1 if stage.ceil_mode else 0)) // s + 1
+                    if stage.ceil_mode and (o - 1) * s >= n + p:  # the last window must start inside the map
+                        o -= 1
+                    out.append(o)
+                size = (out[0], out[1])
+            sizes.append(size)
+        return sizes
+
     def receptive_field(
         self, layer: str, y: int, x: int, image_size: Optional[Tuple[int, int]] = None
     ) -> Tuple[int, int, int, int]:
         """Pixel box ``(x0, y0, x1, y1)`` (half-open, clipped to the image) that activation
-        ``(y, x)`` of ``layer`` sees; ``image_size`` defaults to the last recorded images'."""
-        return receptive_field(self._windows_below(layer), int(y), int(x), image_size or self._image_size)
+        ``(y, x)`` of ``layer`` sees; ``image_size`` defaults to the last recorded images'.
+        ``(y, x)`` outside the layer's map raises ``IndexError``."""
+        top = self._conv_index(layer)
+        size = tuple(image_size or self._image_size)
+        height, width = self.map_sizes(size)[top + 1]
+        for name, value, limit in (("y", y, height), ("x", x, width)):
+            if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)) or (
+                isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point())
+            ):
+                raise TypeError(f"Deconvnet.receptive_field: {name} must be an int, got {value!r}")
+            if not 0 <= int(value) < limit:
+                raise IndexError(
+                    f"Deconvnet.receptive_field: {name}={int(value)} is outside the {height}x{width} map of {layer} "
+                    f"(images {size[0]}x{size[1]})"
+                )
+        return receptive_field(self._windows_below(layer), int(y), int(x), size)
 
     # -- projection ---------------------------------------------------------------------------
 
@@ -183,11 +237,15 @@ class Deconvnet:
 
     def _index(self, name: str, values: IndexLike, length: Optional[int], limit: int, what: str) -> torch.Tensor:
         if not isinstance(values, torch.Tensor):
-            values = torch.as_tensor(values, dtype=torch.int64)
+            # No dtype= here: that would truncate a list of floats to ints silently.
+            values = torch.as_tensor(values)
+            if values.numel() == 0:
+                values = values.to(torch.int64)
         if values.dtype != torch.int64:
             raise TypeError(f"Deconvnet.project: {name} must be int64, got {values.dtype}")
         if values.dim() != 1 or (length is not None and values.shape[0] != length):
-            raise ValueError(f"Deconvnet.project: {name} must be 1-D of length {length}, got shape {tuple(values.shape)}")
+            want = "1-D" if length is None else f"1-D of length {length}"
+            raise ValueError(f"Deconvnet.project: {name} must be {want}, got shape {tuple(values.shape)}")
         if values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit):
             raise ValueError(f"Deconvnet.project: {name} holds values outside [0, {limit}) ({what})")
         return values
@@ -207,7 +265,9 @@ class Deconvnet:
         ``channels[b]`` of ``layer``, and with ``positions`` (int64 ``(B, 2)`` of ``(y, x)``)
         only that activation, else the whole map. Selections go through each layer as one batch
         of at most ``chunk_size`` (a memory bound). Returns ``(B, 3, H, W)``."""
-        if not isinstance(rec, Recording) or rec.owner is not self:
+        if not isinstance(rec, Recording):
+            raise TypeError(f"Deconvnet.project: rec must be a Recording from Deconvnet.record, got {type(rec).__name__}")
+        if rec.owner is not self:
             raise ValueError("Deconvnet.project: rec was recorded by another Deconvnet (record with this one)")
         if mode not in MODES:
             raise ValueError(f"Deconvnet.project: mode must be one of {', '.join(MODES)}, got {mode!r}")
