@@ -47,22 +47,10 @@ struct Strides4 {
 struct Coord4 {
   int64_t n, c, h, w;
 };
-ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool channels_last) {
+
+template <typename index_t>
+ZF_INLINE Coord4 decompose(index_t i, index_t C, index_t H, index_t W, bool channels_last) {
   Coord4 r;
-  if (i <= 0x7fffffff) {  // the common case: a 32-bit linear index, 32-bit divisions
-    uint32_t j = static_cast<uint32_t>(i);
-    const uint32_t c32 = static_cast<uint32_t>(C), h32 = static_cast<uint32_t>(H), w32 = static_cast<uint32_t>(W);
-    if (channels_last) {
-      r.c = j % c32; j /= c32;
-      r.w = j % w32; j /= w32;
-      r.h = j % h32; r.n = j / h32;
-    } else {
-      r.w = j % w32; j /= w32;
-      r.h = j % h32; j /= h32;
-      r.c = j % c32; r.n = j / c32;
-    }
-    return r;
-  }
   if (channels_last) {
     r.c = i % C; i /= C;
     r.w = i % W; i /= W;
@@ -73,6 +61,14 @@ ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool chann
     r.c = i % C; r.n = i / C;
   }
   return r;
+}
+
+ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool channels_last) {
+  if (i <= 0x7fffffff) {  // the common case: a 32-bit linear index, 32-bit divisions
+    return decompose<uint32_t>(static_cast<uint32_t>(i), static_cast<uint32_t>(C), static_cast<uint32_t>(H),
+                               static_cast<uint32_t>(W), channels_last);
+  }
+  return decompose<int64_t>(i, C, H, W, channels_last);
 }
 
 // Windows [lo, hi) along one axis that contain input position i (stride s, padding p, size k,
