@@ -125,5 +125,4 @@ say(f"torch {torch.__version__}; sources: {', '.join(extension.sources)}")
 setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
-    package_data={"zfkernels": ["_build_info.json"]},
 )

@@ -1,0 +1,420 @@
+"""Image folders for the main job: discovery, decoding to RGB, the ImageNet evaluation transform,
+and a DataLoader that skips (and reports) what it cannot read.
+
+Every file is addressed by its index in the sorted list of discovered paths; the index is the
+identity pass 1 ranks by (ties go to the earlier image) and the unit of sharding and resuming.
+
+Decoding follows torchvision's ImageNet evaluation pipeline exactly (Pillow, ``Resize(256)``,
+``CenterCrop(224)``; no EXIF rotation, as torchvision's loader), with the colour handling spelled
+out: grayscale, CMYK and palette images are converted to RGB, alpha is composited over white and
+16-bit or float images are scaled to 8 bits. Workers ship uint8 crops (4x less than float32 through
+the pinned-memory queue); the device normalises them, with the same arithmetic as torchvision's
+``ToTensor`` + ``Normalize``, so the result is bitwise the same.
+
+On CUDA, JPEGs can instead be decoded in batches on the GPU (``torchvision.io.decode_jpeg``): the
+workers only read the file bytes; anything nvjpeg refuses falls back to Pillow on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE = 256
+CROP = 224
+# Beyond this aspect ratio, Resize(256) would make an enormous intermediate image (a 1x10000
+# strip becomes 256x2560000): such images are resized straight into the centre crop instead
+# (the same sampling positions, rounding may differ by one level).
+EXTREME_ASPECT = 16.0
+BACKGROUND = (255, 255, 255)  # alpha is composited over white
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+# Truncated files must fail, not be padded with grey (Pillow's default is already False; we
+# insist, since a library imported earlier may have flipped it).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_RESIZE_CROP = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP)])
+
+
+def preprocess_description(decoder: str = "pillow") -> dict:
+    """What the images went through, as written into ``topk.json`` (``"preprocess"``)."""
+    return {
+        "transform": "torchvision ImageNet evaluation: Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(mean, std)",
+        "resize": RESIZE,
+        "crop": CROP,
+        "interpolation": "bilinear (antialiased)",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "color": "RGB: grayscale, CMYK and palette converted, alpha composited over white, 16-bit scaled to 8; no EXIF rotation",
+        "decoder": decoder,
+    }
+
+
+# -- discovery ---------------------------------------------------------------------------------
+
+
+def image_extensions() -> frozenset:
+    """Lower-case extensions (with the dot) of every format Pillow can open."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass
+class ImageList:
+    """The images of a run: ``files`` are POSIX paths relative to ``root``, sorted; ``ignored``
+    lists files that were not considered at all, with the reason."""
+
+    root: Path
+    files: List[str]
+    ignored: List[Tuple[str, str]] = field(default_factory=list)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.files[index]
+
+
+def discover(root: Path, limit: Optional[int] = None, exclude: Optional[Path] = None) -> ImageList:
+    """Find image files under ``root`` recursively (a flat folder such as ImageNet's val, or class
+    subfolders), sorted by relative path; the first ``limit`` of them when given.
+
+    Files whose extension is no image format Pillow opens, and hidden files, are listed in
+    ``ignored``; hidden folders and ``exclude`` (the output folder, when it lies inside the
+    data) are not entered. Symbolic links to files are followed, links to folders are not
+    (no cycles)."""
+    root = Path(root)
+    extensions = image_extensions()
+    skip_dir = Path(exclude).resolve() if exclude is not None else None
+    found: List[str] = []
+    ignored: List[Tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and (skip_dir is None or (here / d).resolve() != skip_dir)
+        ]
+        for name in filenames:
+            relative = (here / name).relative_to(root).as_posix()
+            if name.startswith("."):
+                ignored.append((relative, "hidden file"))
+            elif os.path.splitext(name)[1].lower() not in extensions:
+                ignored.append((relative, "not an image file (extension)"))
+            elif not (here / name).is_file():
+                ignored.append((relative, "not a regular file (or a broken link)"))
+            else:
+                found.append(relative)
+    found.sort()
+    ignored.sort()
+    if limit is not None:
+        found = found[:limit]
+    return ImageList(root, found, ignored)
+
+
+def sample_images() -> ImageList:
+    """The seven freely licensed sample photographs installed with the package
+    (``zfkernels/sample_images``, licences in its ``LICENSES.txt``: public domain and CC0, from
+    scikit-image's and matplotlib's sample data; one is grayscale). Used when no ``--data`` is
+    given; never ImageNet images."""
+    from importlib import resources
+
+    root = Path(str(resources.files(__package__).joinpath("sample_images")))
+    return ImageList(root, discover(root).files)  # (LICENSES.txt is no skipped image)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: grayscale, CMYK, YCbCr and palette converted, alpha
+    composited over white, 16-bit and 32-bit integer or float images scaled to 8 bits."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" or mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0  # 0..65535 -> 0..255
+        elif mode == "F" and values.size and values.max() <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK (Adobe-inverted CMYK JPEGs handled by Pillow), YCbCr, ...
+
+
+def decode(source: object) -> Image.Image:
+    """Open and fully decode ``source`` (a path or a file object) to RGB. Raises on unreadable,
+    truncated or non-image data (the caller logs and skips)."""
+    with warnings.catch_warnings():
+        # A decompression-bomb *warning* (between 89M and 179M pixels) is not a reason to skip.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            image.load()  # the whole file now: truncation raises here, not later
+            return to_rgb(image)
+
+
+def resize_crop(image: Image.Image) -> Image.Image:
+    """Resize the short side to 256 and take the centre 224x224, as torchvision's evaluation
+    transform (small images are scaled up the same way)."""
+    w, h = image.size
+    if max(w, h) > EXTREME_ASPECT * min(w, h):
+        # Straight into the crop: the source box that Resize(256) + CenterCrop(224) would sample.
+        ow, oh = (RESIZE, int(RESIZE * h / w)) if w <= h else (int(RESIZE * w / h), RESIZE)
+        left, top = int(round((ow - CROP) / 2.0)), int(round((oh - CROP) / 2.0))
+        sx, sy = w / ow, h / oh
+        box = (left * sx, top * sy, (left + CROP) * sx, (top + CROP) * sy)
+        return image.resize((CROP, CROP), Image.BILINEAR, box=box)
+    return _RESIZE_CROP(image)
+
+
+def to_chw_uint8(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 tensor of an RGB Pillow image."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def load_crop(path: Path) -> torch.Tensor:
+    """Decode ``path`` and return its (3, 224, 224) uint8 evaluation crop."""
+    return to_chw_uint8(resize_crop(decode(path)))
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalised floats, as ``ToTensor`` then ``Normalize`` compute it."""
+    x = images.to(dtype).div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Normalised (N, 3, H, W) floats back to uint8 pixels (what the network saw)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * std + mean).mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line reason for the skipped-files log."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    name = type(error).__name__
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image Pillow can read"
+    return f"{name}: {text}" if text else name
+
+
+# -- dataset and loader ------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """What the loader yields for one batch (``slot`` is its id: the batch slot in pass 1).
+
+    ``indices`` (int64, one per decoded image, in slot order) and ``images`` (uint8
+    ``(n, 3, 224, 224)``) hold the images decoded on the CPU; ``encoded`` holds ``(index, bytes)``
+    of JPEGs left for the GPU decoder (empty unless GPU decoding is on); ``failures`` lists
+    ``(index, reason)`` of the files that could not be read; ``decode_seconds`` is the CPU time
+    the worker spent."""
+
+    slot: int
+    indices: torch.Tensor
+    images: torch.Tensor
+    encoded: List[Tuple[int, torch.Tensor]]
+    failures: List[Tuple[int, str]]
+    decode_seconds: float
+
+    def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread
+        return Batch(self.slot, self.indices.pin_memory(), self.images.pin_memory(),
+                     [(i, b.pin_memory()) for i, b in self.encoded], self.failures, self.decode_seconds)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel()) + len(self.encoded)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Batch slots: slot ``s`` covers image indices ``[s * size, (s + 1) * size)`` of ``count``.
+    Slots, not batches of whatever images happen to be read, are the unit of work: a slot is
+    always the same batch, so an image's activations do not depend on sharding or resuming
+    (convolution algorithms differ between batch sizes, and with them the last bits)."""
+
+    count: int
+    size: int
+
+    @property
+    def num_slots(self) -> int:
+        return (self.count + self.size - 1) // self.size
+
+    def indices(self, slot: int) -> List[int]:
+        return list(range(slot * self.size, min((slot + 1) * self.size, self.count)))
+
+    def batches(self, assigned: Sequence[int]) -> List[Tuple[int, List[int]]]:
+        """``(slot, image indices)`` of each assigned slot, for :func:`make_loader`."""
+        return [(slot, self.indices(slot)) for slot in assigned]
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item ``k`` is the ``k``-th batch ``(id, image indices)``, decoded (the DataLoader runs it
+    in a worker; batching happens here, so a failed file simply leaves its batch one image
+    shorter)."""
+
+    def __init__(self, images: ImageList, batches: Sequence[Tuple[int, Sequence[int]]], gpu_jpeg: bool = False) -> None:
+        self.images = images
+        self.batches = list(batches)
+        self.gpu_jpeg = gpu_jpeg
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> Batch:
+        batch_id, members = self.batches[k]
+        start = time.process_time()
+        indices: List[int] = []
+        crops: List[torch.Tensor] = []
+        encoded: List[Tuple[int, torch.Tensor]] = []
+        failures: List[Tuple[int, str]] = []
+        for index in members:
+            path = self.images.path(index)
+            try:
+                if self.gpu_jpeg:
+                    data = path.read_bytes()
+                    if _gpu_decodable(data):
+                        encoded.append((index, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                        continue
+                    crops.append(to_chw_uint8(resize_crop(decode(io.BytesIO(data)))))
+                else:
+                    crops.append(load_crop(path))
+                indices.append(index)
+            except Exception as error:  # any decoder failure: log and go on (MemoryError too)
+                failures.append((index, describe_error(error)))
+        images = torch.stack(crops) if crops else torch.empty((0, 3, CROP, CROP), dtype=torch.uint8)
+        return Batch(batch_id, torch.tensor(indices, dtype=torch.int64), images, encoded, failures,
+                     time.process_time() - start)
+
+
+def _gpu_decodable(data: bytes) -> bool:
+    """A JPEG whose colour nvjpeg handles (RGB/YCbCr or grayscale): read the header only."""
+    if not data.startswith(JPEG_MAGIC):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format == "JPEG" and image.mode in ("RGB", "L")
+    except Exception:
+        return False  # let the CPU path produce the error message
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C and SIGTERM are the main process's business: it checkpoints and shuts the workers
+    # down; a worker dying on its own first would only turn that into a loader error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(
+    images: ImageList,
+    batches: Sequence[Tuple[int, Sequence[int]]],
+    workers: int,
+    pin_memory: bool,
+    gpu_jpeg: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding one :class:`Batch` per ``(id, image indices)`` of ``batches``, in
+    order, decoded in ``workers`` processes, pinned when feeding a GPU."""
+    return torch.utils.data.DataLoader(
+        BatchDataset(images, batches, gpu_jpeg),
+        batch_size=None,  # each item already is a batch
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# -- on the device -----------------------------------------------------------------------------
+
+
+def gpu_jpeg_available(device: torch.device) -> bool:
+    """Whether torchvision can decode JPEGs on ``device`` (nvjpeg); a tiny probe image."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 60)).save(buffer, format="JPEG")
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+        return True
+    except Exception:
+        return False
+
+
+def _tensor_resize_crop(image: torch.Tensor) -> torch.Tensor:
+    """Resize(256) + CenterCrop(224) of a (3, H, W) uint8 tensor on its device (antialiased
+    bilinear, as torchvision's tensor transform: close to Pillow's, not bitwise)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = image.shape[-2:]
+    if max(w, h) > EXTREME_ASPECT * min(w, h):  # rare: Pillow's box path, on the CPU
+        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
+        return to_chw_uint8(resize_crop(pil)).to(image.device)
+    image = TF.resize(image, [RESIZE], antialias=True)
+    return TF.center_crop(image, [CROP, CROP])
+
+
+def decode_on_device(batch: Batch, images: ImageList, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, str]]]:
+    """Finish a batch on ``device``: decode its JPEG bytes there (batched nvjpeg), and merge
+    with the CPU-decoded crops in slot order. Returns ``(indices, uint8 images, failures)``;
+    files nvjpeg refuses are decoded by Pillow instead, and failures of both are reported."""
+    indices = batch.indices.to(device, non_blocking=True)
+    crops = batch.images.to(device, non_blocking=True)
+    failures: List[Tuple[int, str]] = []
+    if not batch.encoded:
+        return indices, crops, failures
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    ids = [i for i, _ in batch.encoded]
+    datas = [d for _, d in batch.encoded]
+    decoded: List[Optional[torch.Tensor]]
+    try:
+        decoded = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except Exception:
+        decoded = []
+        for data in datas:  # find the culprit(s): one at a time
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except Exception:
+                decoded.append(None)
+    extra_ids: List[int] = []
+    extra: List[torch.Tensor] = []
+    for index, data, image in zip(ids, datas, decoded):
+        try:
+            if image is None:  # the CPU fallback
+                image = to_chw_uint8(resize_crop(decode(io.BytesIO(data.cpu().numpy().tobytes())))).to(device)
+            else:
+                image = _tensor_resize_crop(image)
+            extra_ids.append(index)
+            extra.append(image)
+        except Exception as error:
+            failures.append((index, describe_error(error)))
+    if extra:
+        all_ids = torch.cat([indices, torch.tensor(extra_ids, dtype=torch.int64, device=device)])
+        all_images = torch.cat([crops, torch.stack(extra)])
+        order = torch.argsort(all_ids)  # slot order, as the CPU path gives
+        indices, crops = all_ids[order], all_images[order]
+    return indices, crops, failures

@@ -1,0 +1,225 @@
+"""Pass 2: re-read only the images pass 1 selected, record each once, project every selection of
+every layer in batched ``Deconvnet.project`` calls, and crop the receptive-field patch of each
+selection from the projection and from the image, as fixed-size tiles for the gallery.
+
+A tile shows the whole (unclipped) receptive field, so a projection and its image patch always
+line up; what falls outside the image is mid-grey in both. Projections are displayed per tile
+with zero at mid-grey and the largest magnitude at full scale (the sign is visible, and a tile
+with nothing in it stays grey). Receptive fields smaller than the tile are enlarged by pixel
+replication (an integer factor), larger ones reduced with an antialiased filter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as data_mod
+from ._timing import StageClock
+from .deconvnet import Deconvnet
+from .receptive_field import box_below
+from .scan import LayerTop
+
+MIN_TILE = 48  # receptive fields below this are enlarged by an integer factor
+MAX_TILE = 96  # and above it reduced
+PROJECTION_CHUNK = 128  # selections per project call: bounds the (B, 3, H, W) output
+RECORD_BUDGET = 1 << 30  # bytes of recorded maps per pass-2 batch
+GREY = 128
+
+
+def tile_size(field_size: int) -> int:
+    """Display size of a layer's tiles for a receptive field of ``field_size`` pixels."""
+    if field_size < MIN_TILE:
+        return field_size * math.ceil(MIN_TILE / field_size)
+    return min(field_size, MAX_TILE)
+
+
+@dataclass(frozen=True)
+class FieldGeometry:
+    """A layer's receptive field: activation ``(y, x)`` sees the square of ``size`` pixels at
+    ``(y * stride + offset, x * stride + offset)`` (the offset is negative: padding)."""
+
+    size: Tuple[int, int]
+    stride: Tuple[int, int]
+    offset: Tuple[int, int]
+
+    @classmethod
+    def of(cls, dn: Deconvnet, layer: str) -> "FieldGeometry":
+        top = next(i for i, s in enumerate(dn.stages) if s.kind == "conv" and s.name == layer)
+        windows = [s.window for s in dn.stages[: top + 1] if s.window is not None]
+        y0, x0, h, w = box_below(windows, 0, 0)
+        y1, x1, _, _ = box_below(windows, 1, 1)
+        return cls((h, w), (y1 - y0, x1 - x0), (y0, x0))
+
+
+@dataclass
+class LayerTiles:
+    """Tiles of one layer: ``projections`` and ``patches`` are uint8 ``(C, K, T, T, 3)``;
+    ``filled[j, r]`` says whether entry ``r`` of row ``j`` was drawn (False: no such entry, or
+    its image could not be read again)."""
+
+    layer: str
+    tile: int
+    geometry: FieldGeometry
+    projections: np.ndarray
+    patches: np.ndarray
+    filled: np.ndarray
+
+
+@dataclass
+class ProjectionResult:
+    tiles: Dict[str, LayerTiles]
+    failures: List[Tuple[int, str]]
+    images: int
+    projections: int
+    timings: Dict[str, float]
+    seconds: float
+
+
+def _allocate(shape: Tuple[int, ...], scratch: Optional[Path], name: str) -> np.ndarray:
+    """A zeroed uint8 array, backed by a file under ``scratch`` when given (tiles of big models
+    need not sit in memory)."""
+    if scratch is None:
+        return np.zeros(shape, dtype=np.uint8)
+    scratch.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape)
+
+
+def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int) -> int:
+    """At most ``requested`` images per recording, fewer when their maps would exceed
+    :data:`RECORD_BUDGET` (VGG16 keeps ~55 MB of maps per 224x224 image)."""
+    sizes = dn.map_sizes((data_mod.CROP, data_mod.CROP))
+    per_image = 0
+    channels = 3
+    for i, stage in enumerate(dn.stages):
+        if stage.kind == "conv":
+            channels = stage.module.out_channels
+        h, w = sizes[i + 1]
+        if stage.kind in ("conv", "pool", "norm"):
+            per_image += channels * h * w * 4
+    return max(1, min(requested, RECORD_BUDGET // max(per_image, 1)))
+
+
+def _crop(source: torch.Tensor, rows: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
+          size: Tuple[int, int], fill: float) -> torch.Tensor:
+    """``(B, C, h, w)`` windows of ``source[rows]`` at ``(y0, x0)``; positions off the image
+    get ``fill``."""
+    h, w = size
+    ys = y0[:, None] + torch.arange(h, device=source.device)
+    xs = x0[:, None] + torch.arange(w, device=source.device)
+    inside = ((ys >= 0) & (ys < source.shape[-2]))[:, :, None] & ((xs >= 0) & (xs < source.shape[-1]))[:, None, :]
+    picked = source[rows[:, None, None], :, ys.clamp(0, source.shape[-2] - 1)[:, :, None],
+                    xs.clamp(0, source.shape[-1] - 1)[:, None, :]]  # (B, h, w, C)
+    picked = picked.permute(0, 3, 1, 2)
+    return torch.where(inside[:, None], picked, torch.full((), fill, dtype=picked.dtype, device=picked.device))
+
+
+def _display_projection(p: torch.Tensor) -> torch.Tensor:
+    """Float projections ``(B, 3, h, w)`` -> [0, 1] with zero at 0.5, per selection."""
+    scale = p.abs().flatten(1).amax(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+    return (0.5 + 0.5 * p / scale).clamp(0, 1)
+
+
+def _to_tile(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """``(B, 3, h, w)`` floats in [0, 1] -> ``(B, T, T, 3)`` uint8."""
+    if x.shape[-1] != tile or x.shape[-2] != tile:
+        if tile >= max(x.shape[-2:]):
+            x = F.interpolate(x, size=(tile, tile), mode="nearest-exact")
+        else:
+            x = F.interpolate(x, size=(tile, tile), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def project_selections(
+    model: nn.Module,
+    layers: Dict[str, LayerTop],
+    images: data_mod.ImageList,
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    gpu_jpeg: bool = False,
+    mode: str = "deconvnet",
+    scratch: Optional[Path] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> ProjectionResult:
+    """Pass 2 for the top-K of ``layers`` (pass 1's result): tiles of every filled entry."""
+    began = time.perf_counter()
+    device = torch.device(device)
+    clock = StageClock(device)
+    dn = Deconvnet(model)
+    tiles: Dict[str, LayerTiles] = {}
+    # Per layer: which (row, rank) entries come from which image, at which position.
+    wanted: Dict[str, Dict[int, List[Tuple[int, int, int, int, int]]]] = {}
+    for name, top in layers.items():
+        geometry = FieldGeometry.of(dn, name)
+        size = tile_size(max(geometry.size))
+        c, k = top.values.shape
+        tiles[name] = LayerTiles(name, size, geometry, _allocate((c, k, size, size, 3), scratch, f"{name}-projections"),
+                                 _allocate((c, k, size, size, 3), scratch, f"{name}-patches"), np.zeros((c, k), dtype=bool))
+        per_image: Dict[int, List[Tuple[int, int, int, int, int]]] = {}
+        for j in range(c):
+            for r, (image, _, y, x) in enumerate(top.entries(j)):
+                per_image.setdefault(image, []).append((j, r, int(top.channels[j]), y, x))
+        wanted[name] = per_image
+    distinct = sorted({image for per_image in wanted.values() for image in per_image})
+    size = record_batch_size(model, dn, batch_size)
+    batches = [(b, distinct[b * size:(b + 1) * size]) for b in range((len(distinct) + size - 1) // size)]
+    loader = data_mod.make_loader(images, batches, workers, pin_memory=device.type == "cuda", gpu_jpeg=gpu_jpeg)
+    failures: List[Tuple[int, str]] = []
+    count = 0
+    with torch.inference_mode():
+        waited = time.perf_counter()
+        for batch in loader:
+            clock.add("data wait", time.perf_counter() - waited)
+            clock.add("decode (worker CPU)", batch.decode_seconds)
+            failures.extend(batch.failures)
+            if batch.encoded:
+                indices, crops, more = data_mod.decode_on_device(batch, images, device)
+                failures.extend(more)
+            else:
+                indices, crops = batch.indices.to(device), batch.images.to(device)
+            row_of = {int(i): n for n, i in enumerate(indices.tolist())}
+            with clock("forward (record)"):
+                rec = dn.record(data_mod.normalize(crops))
+            pixels = crops.float().div_(255)
+            for name, per_image in wanted.items():
+                picks = [(row_of[i],) + entry for i in row_of if i in per_image for entry in per_image[i]]
+                for start in range(0, len(picks), PROJECTION_CHUNK):
+                    chunk = picks[start:start + PROJECTION_CHUNK]
+                    with clock("projection"):
+                        _project_chunk(dn, rec, name, chunk, pixels, tiles[name], device)
+                    count += len(chunk)
+            if progress is not None:
+                progress(len(batch.indices) + len(batch.encoded) + len(batch.failures))
+            waited = time.perf_counter()
+    return ProjectionResult(tiles, sorted(failures), len(distinct), count, clock.totals(), time.perf_counter() - began)
+
+
+def _project_chunk(dn: Deconvnet, rec: object, layer: str, chunk: Sequence[Tuple[int, int, int, int, int, int]],
+                   pixels: torch.Tensor, out: LayerTiles, device: torch.device) -> None:
+    """Project ``chunk`` = ``(row, j, rank, channel, y, x)`` entries and store their tiles."""
+    rows = torch.tensor([e[0] for e in chunk], dtype=torch.int64, device=device)
+    channels = torch.tensor([e[3] for e in chunk], dtype=torch.int64, device=device)
+    positions = torch.tensor([[e[4], e[5]] for e in chunk], dtype=torch.int64, device=device)
+    projected = dn.project(rec, layer, rows, channels, positions, chunk_size=PROJECTION_CHUNK)
+    g = out.geometry
+    y0 = positions[:, 0] * g.stride[0] + g.offset[0]
+    x0 = positions[:, 1] * g.stride[1] + g.offset[1]
+    every = torch.arange(len(chunk), device=device)
+    projection = _display_projection(_crop(projected.float(), every, y0, x0, g.size, 0.0))
+    patch = _crop(pixels, rows, y0, x0, g.size, GREY / 255)
+    projection_tiles = _to_tile(projection, out.tile).numpy()
+    patch_tiles = _to_tile(patch, out.tile).numpy()
+    for n, (_, j, rank, _, _, _) in enumerate(chunk):
+        out.projections[j, rank] = projection_tiles[n]
+        out.patches[j, rank] = patch_tiles[n]
+        out.filled[j, rank] = True
