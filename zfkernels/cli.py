@@ -7,6 +7,7 @@ Each command lives in its own module and adds itself with ``register(subparsers)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import List, Optional
 
@@ -37,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import visualize
 
     visualize.register(subparsers)
-    from . import diagnostics
+    if importlib.util.find_spec(f"{__package__}.diagnostics") is not None:
+        from . import diagnostics
 
-    diagnostics.register(subparsers)
+        diagnostics.register(subparsers)
     return parser
 
 
