@@ -72,6 +72,13 @@ inline at::Tensor project_dense(const at::Tensor& x, const at::Tensor& weight, a
                                            /*deterministic=*/true, at::globalContext().allowTF32CuDNN())
         .contiguous(project_output_format(x));
   }
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+    // oneDNN's half-precision transposed convolution does not accumulate in float on every CPU;
+    // the op promises float accumulation (as its other paths), so compute in float and round once.
+    return at::conv_transpose2d(x.to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, output_padding, 1, {1, 1})
+        .to(x.scalar_type())
+        .contiguous(project_output_format(x));
+  }
   return at::conv_transpose2d(x, weight, {}, stride, padding, output_padding, 1, {1, 1})
       .contiguous(project_output_format(x));
 }
