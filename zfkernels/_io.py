@@ -22,12 +22,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _default_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file (0666 less the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+    The file gets the usual permissions (``mkstemp``'s private 0600 would leave a gallery
+    unreadable to a web server or another user)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _default_mode())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

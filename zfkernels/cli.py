@@ -52,7 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except CliError as error:
-        print(f"zfk {args.command}: error: {error}", file=sys.stderr)
+        if not getattr(error, "silent", False):  # (another process of a torchrun job printed it)
+            print(f"zfk {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"zfk {args.command}: interrupted", file=sys.stderr)

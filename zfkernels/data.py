@@ -41,6 +41,7 @@ CROP = 224
 EXTREME_ASPECT = 16.0
 BACKGROUND = (255, 255, 255)  # alpha is composited over white
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"  # the end-of-image marker (0xFFD9 cannot occur inside entropy-coded data)
 
 # Truncated files must fail, not be padded with grey (Pillow's default is already False; we
 # insist, since a library imported earlier may have flipped it).
@@ -91,28 +92,42 @@ def discover(root: Path, limit: Optional[int] = None, exclude: Optional[Path] = 
 
     Files whose extension is no image format Pillow opens, and hidden files, are listed in
     ``ignored``; hidden folders and ``exclude`` (the output folder, when it lies inside the
-    data) are not entered. Symbolic links to files are followed, links to folders are not
-    (no cycles)."""
+    data) are not entered. Symbolic links to files are followed; so are links to folders
+    (datasets are often assembled from links), each folder being scanned once: the real tree
+    first, then linked folders in sorted order, skipping any folder already scanned (so a link
+    back up the tree is no cycle, and two paths to one folder do not list its images twice)."""
     root = Path(root)
     extensions = image_extensions()
     skip_dir = Path(exclude).resolve() if exclude is not None else None
     found: List[str] = []
     ignored: List[Tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        dirnames[:] = [
-            d for d in dirnames if not d.startswith(".") and (skip_dir is None or (here / d).resolve() != skip_dir)
-        ]
-        for name in filenames:
-            relative = (here / name).relative_to(root).as_posix()
-            if name.startswith("."):
-                ignored.append((relative, "hidden file"))
-            elif os.path.splitext(name)[1].lower() not in extensions:
-                ignored.append((relative, "not an image file (extension)"))
-            elif not (here / name).is_file():
-                ignored.append((relative, "not a regular file (or a broken link)"))
-            else:
-                found.append(relative)
+    scanned: set = set()
+    pending: List[Path] = [root]  # folders to walk: the root, then linked folders met on the way
+    while pending:
+        top = pending.pop(0)
+        if top.resolve() in scanned:
+            continue
+        linked: List[Path] = []
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            here = Path(dirpath)
+            scanned.add(here.resolve())
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith(".") or (skip_dir is not None and (here / d).resolve() == skip_dir):
+                    continue
+                (linked if (here / d).is_symlink() else keep).append(here / d if (here / d).is_symlink() else d)
+            dirnames[:] = keep
+            for name in filenames:
+                relative = (here / name).relative_to(root).as_posix()
+                if name.startswith("."):
+                    ignored.append((relative, "hidden file"))
+                elif os.path.splitext(name)[1].lower() not in extensions:
+                    ignored.append((relative, "not an image file (extension)"))
+                elif not (here / name).is_file():
+                    ignored.append((relative, "not a regular file (or a broken link)"))
+                else:
+                    found.append(relative)
+        pending.extend(sorted(linked, key=lambda p: p.relative_to(root).as_posix()))
     found.sort()
     ignored.sort()
     if limit is not None:
@@ -307,8 +322,12 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 def _gpu_decodable(data: bytes) -> bool:
-    """A JPEG whose colour nvjpeg handles (RGB/YCbCr or grayscale): read the header only."""
-    if not data.startswith(JPEG_MAGIC):
+    """A whole JPEG whose colour nvjpeg handles (RGB/YCbCr or grayscale): read the header only.
+
+    nvjpeg decodes a truncated file without an error (the missing part comes out grey), so a
+    file whose end-of-image marker is not in its last bytes goes to Pillow, which refuses it
+    (and reads a whole file with trailing bytes after the marker just as well)."""
+    if not data.startswith(JPEG_MAGIC) or data.rfind(JPEG_END, max(0, len(data) - 1024)) < 0:
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:

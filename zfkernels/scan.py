@@ -36,23 +36,34 @@ from ._io import atomic_write
 from ._timing import StageClock
 from .deconvnet import parse_features
 
-EMPTY = torch.iinfo(torch.int64).max  # image index of an unfilled slot: ranks after every image
-CHECKPOINT_VERSION = 1
+# Image index of an unfilled slot: ranks after every image. Image indices stay below it (2^32 - 1
+# files at most), so an index fits the low half of a 64-bit ranking key.
+EMPTY = (1 << 32) - 1
+CHECKPOINT_VERSION = 2  # 2: EMPTY is 2^32 - 1 (version 1 used 2^63 - 1)
 
 
 # -- ranking -----------------------------------------------------------------------------------
 
 
+def rank_key(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """int64 keys, one per entry, whose *descending* order is (value descending, image index
+    ascending): the float32 value's bits mapped to a signed integer of the same order in the
+    high 32 bits, ``EMPTY - image`` in the low 32. Distinct images give distinct keys, so
+    selecting by key needs no stable sort (CUDA's segmented stable sort is not what we want to
+    depend on for exactness). NaN values must have been mapped to -inf by the caller."""
+    v = values.float() + 0.0  # -0.0 -> +0.0: values that compare equal must get equal keys
+    bits = v.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: reverse the magnitude order
+    return ordered * (1 << 32) + (EMPTY - images)
+
+
 def select_top(
     values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``k`` columns of each row under (value descending, image ascending).
-
-    Two stable sorts: by image, then by value; equal values keep the image order. NaN values
-    must have been mapped to -inf by the caller."""
-    order = torch.argsort(images, dim=1, stable=True)
-    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
-    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    """The first ``k`` columns of each row under (value descending, image ascending), best
+    first. Entries that tie on both are identical (unfilled slots), so the result is exact."""
+    k = min(k, values.shape[1])
+    order = torch.topk(rank_key(values, images), k, dim=1, largest=True, sorted=True).indices
     return values.gather(1, order), images.gather(1, order), positions.gather(1, order)
 
 
@@ -276,8 +287,16 @@ class ScanState:
             raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}); start again without --resume") from error
         if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint {path} is of another version; start again without --resume")
-        return cls(payload["fingerprint"], list(payload["done"]), payload["topk"],
-                   [(int(i), str(r)) for i, r in payload["skipped"]], int(payload["scanned"]), bool(payload["complete"]))
+        try:  # a version-1 dict that lacks what a checkpoint holds is refused, not a KeyError
+            state = cls(payload["fingerprint"], [int(s) for s in payload["done"]], payload["topk"],
+                        [(int(i), str(r)) for i, r in payload["skipped"]], int(payload["scanned"]),
+                        bool(payload["complete"]))
+            if not isinstance(state.fingerprint, dict) or not isinstance(state.topk, dict):
+                raise TypeError("fingerprint and topk must be dicts")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint {path} is not a zfk checkpoint ({type(error).__name__}: {error}); "
+                             "start again without --resume") from None
+        return state
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -422,6 +441,8 @@ def run_scan(
     distributed = distributed or Distributed()
     device = torch.device(device)
     began = time.perf_counter()
+    if plan.slots.count >= EMPTY:
+        raise ValueError(f"pass 1 ranks at most {EMPTY - 1} images, got {plan.slots.count}")
     clock = StageClock(device)
     model.to(memory_format=torch.channels_last)
     try:
@@ -479,8 +500,8 @@ def run_scan(
                     with torch.inference_mode():
                         scanner.update(images, indices, clock)
                     scanned += int(indices.numel())
-                    if progress is not None:
-                        progress(len(plan.slots.indices(batch.slot)))
+                if progress is not None:  # every process's slot of this step (they go in lockstep)
+                    progress(sum(len(plan.slots.indices(share[step])) for share in shares if step < len(share)))
                 due = checkpoint is not None and time.monotonic() - last_checkpoint >= checkpoint_every
                 want_checkpoint, stopped = distributed.any([due, bool(stop)])
                 if stopped:

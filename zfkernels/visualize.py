@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import json
 import os
-import signal
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,7 +61,7 @@ For every feature map of the chosen layers: the K strongest activations across t
 deconvnet beside the image patch that caused it (the paper's Figure 2), as an HTML gallery in
 --out: index.html, a page per layer, PNG grids, topk.json and skipped.txt.
 
-Without --data it runs on a few freely licensed sample photographs installed with matplotlib;
+Without --data it runs on seven freely licensed sample photographs installed with zfkernels;
 without --weights on a seeded random, UNTRAINED network.
 
 Interrupted (Ctrl-C, SIGTERM, a kill) it leaves a consistent checkpoint in --out; run the same
@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", metavar="DIR",
                         help="image folder, searched recursively (flat like ImageNet's val, or class subfolders; "
-                             "JPEG, PNG and whatever Pillow reads). Default: matplotlib's sample photographs")
+                             "JPEG, PNG and whatever Pillow reads). Default: the sample photographs installed with zfkernels")
     add_model_options(parser)
     parser.add_argument("--layers", metavar="LIST",
                         help="comma-separated conv layers, e.g. conv1,conv5 (VGG16: conv5_3). Default: every conv layer")
@@ -144,10 +144,10 @@ def resolve_images(data: Optional[str], limit: Optional[int], out: Path) -> Tupl
     if data is None:
         images = data_mod.sample_images()
         if not images.files:
-            raise CliError("no --data given and matplotlib's sample photographs are missing; pass --data DIR")
+            raise CliError("no --data given and the sample photographs installed with zfkernels are missing; pass --data DIR")
         if limit is not None:
             images.files = images.files[:limit]
-        return images, "sample photographs installed with matplotlib (not ImageNet)"
+        return images, "sample photographs installed with zfkernels (public domain and CC0; not ImageNet)"
     root = Path(data)
     if not root.exists():
         raise CliError(f"--data {data}: no such folder")
@@ -203,10 +203,11 @@ def run(args: argparse.Namespace) -> int:
     """``zfk visualize``; returns the exit status."""
     began = time.perf_counter()
     device = resolve_device(args.device)
-    distributed = init_distributed(device)
-    if distributed.active and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", distributed.rank)))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        # One GPU per process, chosen before NCCL starts (it binds to the current device).
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    distributed = init_distributed(device)
     quiet = args.quiet or distributed.rank != 0
     try:
         return _run(args, device, distributed, quiet, began)
@@ -219,14 +220,23 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     # Every argument is checked before anything is written.
     out = Path(args.out)
     images, source = resolve_images(args.data, args.limit, out)
-    model = load_model(args.arch, args.weights, args.seed, device)
+    try:
+        model = load_model(args.arch, args.weights, args.seed, device)
+    except CliError as error:  # name the argument, as every other error does
+        raise CliError(f"--weights: {error}") from None
     layers = resolve_layers(model, args.layers)
     channels = resolve_features(model, layers, args.features)
     decoder = _pick_decoder(args.decoder, device)
     if args.checkpoint_every < 0:
         raise CliError(f"--checkpoint-every: must be at least 0 seconds, got {args.checkpoint_every}")
+    # Rank 0 alone touches --out; its errors stop every process (not only rank 0).
+    failure = None
     if distributed.rank == 0:
-        out = prepare_out(out)
+        try:
+            out = prepare_out(out)
+        except CliError as error:
+            failure = str(error)
+    _share_failure(distributed, failure)
     if args.weights is None:
         say(untrained_warning(args.arch, args.seed), distributed.rank != 0)
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
@@ -234,7 +244,13 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     plan = ScanPlan(images, data_mod.Slots(len(images.files), args.batch_size), layers, channels, args.top,
                     fingerprint(args, images, layers, channels, decoder, dtype))
     checkpoint = out / CHECKPOINT
-    resume_state = _load_resume(args.resume, checkpoint, plan.fingerprint, quiet) if distributed.rank == 0 else None
+    resume_state, failure = None, None
+    if distributed.rank == 0:
+        try:
+            resume_state = _load_resume(args.resume, checkpoint, plan.fingerprint, quiet)
+        except CliError as error:
+            failure = str(error)
+    _share_failure(distributed, failure)
     if distributed.active:  # every process starts from rank 0's view of the checkpoint
         resume_state = distributed.all_gather_objects(resume_state)[0]
     if distributed.rank == 0 and resume_state is None:
@@ -304,11 +320,27 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         "processes": distributed.world,
         "seconds": {**stages, "total": time.perf_counter() - began},
         "pass1_images_per_second": scan.images_this_run / scan.seconds if scan.seconds else None,
+        "peak_memory_mb": _peak_memory(device),
     }
     atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
     gallery.render_index(out, scan.layers, projected.tiles, info, num_channels(model))
     _print_summary(out, summary, untrained)
     return 0
+
+
+class _StoppedElsewhere(CliError):
+    """Another process reported the error; this one stops quietly."""
+
+    silent = True
+
+
+def _share_failure(distributed: Distributed, failure: Optional[str]) -> None:
+    """Raise on every process when rank 0 failed (so the others do not wait for it forever);
+    only rank 0 prints the message."""
+    if distributed.active:
+        failure = distributed.all_gather_objects(failure)[0]
+    if failure is not None:
+        raise CliError(failure) if distributed.rank == 0 else _StoppedElsewhere(failure)
 
 
 def _pick_decoder(choice: str, device: torch.device) -> str:
@@ -345,6 +377,12 @@ def _clear_previous(out: Path) -> None:
             (out / name).unlink()
         except FileNotFoundError:
             pass
+    # The previous run's pages and pictures (another set of layers would leave stale ones), and
+    # temporary files of writes that a kill interrupted.
+    stale = list(out.glob("layer-*.html")) + list(out.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / "layers", ignore_errors=True)
 
 
 def _skipped_entries(images: data_mod.ImageList, *failure_lists: Sequence[Tuple[int, str]]) -> List[Tuple[str, str]]:
@@ -359,6 +397,15 @@ def _stage_times(scan, projected, render_seconds: float) -> Dict[str, float]:
     stages["pass 2"] = projected.seconds
     stages["render"] = render_seconds
     return stages
+
+
+def _peak_memory(device: torch.device) -> Dict[str, Optional[float]]:
+    """Peak resident memory of this process and, on CUDA, peak memory allocated on the GPU (MiB)."""
+    import resource
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"host_rss": host, "cuda_allocated": gpu}
 
 
 def _print_summary(out: Path, summary: Dict[str, object], untrained: bool) -> None:

@@ -1,0 +1,299 @@
+"""Image folders (``zfkernels.data``): discovery, decoding of odd files to RGB, failures, the
+uint8 evaluation transform against torchvision's, and the DataLoader."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import zfkernels
+from zfkernels import data as data_mod
+
+from _images import EVAL_TRANSFORM
+from _visualize import GRAYSCALE, REAL, jpeg_bytes, photo, write_broken_files, write_photo
+
+RESIZE_CROP = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+
+# -- discovery ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """Images at several depths (a flat part and class folders), hidden files and folders, other
+    files, links to a file, a broken link, a link loop, and a zfk output folder inside."""
+    root = tmp_path / "data"
+    for rel in ["z.jpg", "a.png", "n01/x.JPEG", "n01/b.jpeg", "n02/deep/c.webp", "n02/d.bmp", "n02/e.tif",
+                ".hidden/h.jpg", "n01/.cache/i.png", "zfk-out/layers/f0000.png", "outside/o.png"]:
+        write_photo(root / rel, len(rel))
+    (root / "n01/.x.jpg").write_bytes((root / "a.png").read_bytes())  # a hidden file
+    (root / "notes.txt").write_text("hello")
+    (root / "n02/labels.csv").write_text("a,b")
+    (root / "README").write_text("no extension")
+    os.symlink("a.png", root / "link.png")  # a link to a file: followed
+    os.symlink("nowhere.png", root / "broken.png")  # a broken link
+    os.symlink("..", root / "n02/loop")  # a link to a folder (a cycle): not entered
+    os.symlink(root / "outside", root / "n01/elsewhere")
+    return root
+
+
+def test_discovery_finds_images_recursively_sorted(tree):
+    found = data_mod.discover(tree, exclude=tree / "zfk-out")
+    expected = ["a.png", "link.png", "n01/b.jpeg", "n01/x.JPEG", "n02/d.bmp", "n02/deep/c.webp", "n02/e.tif",
+                "outside/o.png", "z.jpg"]
+    assert found.files == sorted(expected)
+    ignored = dict(found.ignored)
+    assert ignored["notes.txt"] == ignored["n02/labels.csv"] == ignored["README"] == "not an image file (extension)"
+    assert ignored["n01/.x.jpg"] == "hidden file"
+    assert ignored["broken.png"].startswith("not a regular file")
+    assert not any(".hidden" in f or ".cache" in f or "zfk-out" in f or "loop" in f for f in found.files)
+    assert found.path(0) == tree / "a.png"
+
+
+def test_discovery_follows_links_to_folders_once(tmp_path):
+    """A dataset assembled from links: a linked folder outside the tree is scanned (under the
+    link's name); a link back up the tree and a second path to a scanned folder are not."""
+    elsewhere = tmp_path / "mnt" / "classes"
+    write_photo(elsewhere / "n03/f.jpg", 3)
+    root = tmp_path / "data"
+    write_photo(root / "own/g.png", 4)
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root, root / "own/up")  # a cycle
+    os.symlink(root / "own", root / "again")  # the same folder by another path
+    found = data_mod.discover(root)
+    assert found.files == ["linked/n03/f.jpg", "own/g.png"]
+    assert found.path(0).resolve() == (elsewhere / "n03/f.jpg").resolve()
+
+
+def test_discovery_limit_and_the_output_folder(tree):
+    assert data_mod.discover(tree, limit=3).files == ["a.png", "link.png", "n01/b.jpeg"]
+    # Without the exclusion, the output folder's PNGs would be taken for images.
+    assert "zfk-out/layers/f0000.png" in data_mod.discover(tree).files
+    assert "zfk-out/layers/f0000.png" not in data_mod.discover(tree, exclude=tree / "zfk-out").files
+    # Also when --out is named by another path to the same folder.
+    assert "zfk-out/layers/f0000.png" not in data_mod.discover(tree, exclude=tree / "n01" / ".." / "zfk-out").files
+
+
+def test_sample_photographs_are_installed():
+    images = data_mod.sample_images()
+    assert len(images.files) == 7 and all(f.endswith(".jpg") for f in images.files)
+    modes = {Image.open(images.path(i)).mode for i in range(len(images.files))}
+    assert modes == {"RGB", "L"}  # one grayscale
+    assert (images.root / "LICENSES.txt").is_file()
+
+
+# -- decoding odd files --------------------------------------------------------------------------
+
+
+def saved(image: Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def pixels(path: Path) -> np.ndarray:
+    image = data_mod.decode(path)
+    assert image.mode == "RGB"
+    return np.asarray(image).astype(int)
+
+
+def test_grayscale_and_bilevel_become_gray_rgb(tmp_path):
+    gray = np.array([[0, 77], [200, 255]], dtype=np.uint8)
+    got = pixels(saved(Image.fromarray(gray, "L"), tmp_path / "g.png"))
+    assert (got == gray[..., None]).all()
+    bilevel = Image.fromarray(np.array([[0, 255]], dtype=np.uint8), "L").convert("1")
+    assert pixels(saved(bilevel, tmp_path / "b.png")).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    # Left half pure cyan (C=255), right half pure yellow (Y=255); Pillow writes Adobe CMYK JPEGs.
+    cmyk = np.zeros((16, 32, 4), dtype=np.uint8)
+    cmyk[:, :16, 0] = 255
+    cmyk[:, 16:, 2] = 255
+    path = saved(Image.fromarray(cmyk, "CMYK"), tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    got = pixels(path)
+    assert np.abs(got[4:12, 2:12] - [0, 255, 255]).max() <= 6  # cyan
+    assert np.abs(got[4:12, 20:30] - [255, 255, 0]).max() <= 6  # yellow
+
+
+def test_palette_with_transparency_is_composited_over_white(tmp_path):
+    image = Image.new("P", (4, 1))
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    image.putdata([0, 1, 2, 0])
+    image.info["transparency"] = 0  # palette entry 0 (black) is transparent
+    path = saved(image, tmp_path / "p.png", transparency=0)
+    assert Image.open(path).mode == "P"
+    assert pixels(path).tolist() == [[[255, 255, 255], [255, 0, 0], [0, 0, 255], [255, 255, 255]]]
+    gif = saved(image, tmp_path / "p.gif", transparency=0)
+    assert pixels(gif).tolist() == [[[255, 255, 255], [255, 0, 0], [0, 0, 255], [255, 255, 255]]]
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 255, 0, 128]]], dtype=np.uint8)
+    got = pixels(saved(Image.fromarray(rgba, "RGBA"), tmp_path / "rgba.png"))
+    assert got[0, 0].tolist() == [255, 255, 255] and got[0, 1].tolist() == [0, 0, 255]
+    assert np.abs(got[0, 2] - [127, 255, 127]).max() <= 1  # half-transparent green over white
+    la = np.array([[[0, 0], [0, 255], [100, 51]]], dtype=np.uint8)
+    got = pixels(saved(Image.fromarray(la, "LA"), tmp_path / "la.png"))
+    assert got[0, 0].tolist() == [255] * 3 and got[0, 1].tolist() == [0] * 3
+    assert np.abs(got[0, 2] - (100 * 0.2 + 255 * 0.8)).max() <= 1
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
+    values = np.array([[0, 257 * 100, 65535, 1000]], dtype=np.uint16)
+    path = saved(Image.fromarray(values), tmp_path / "i16.png")
+    assert Image.open(path).mode.startswith("I")
+    assert pixels(path)[0, :, 0].tolist() == [0, 100, 255, 4]
+
+
+def test_tiny_image_is_scaled_up_like_torchvision(tmp_path):
+    path = write_photo(tmp_path / "tiny.png", 3, size=(5, 7))
+    crop = data_mod.load_crop(path)
+    assert crop.shape == (3, 224, 224) and crop.dtype == torch.uint8
+    want = torch.from_numpy(np.array(RESIZE_CROP(Image.open(path).convert("RGB")))).permute(2, 0, 1)
+    assert torch.equal(crop, want)
+
+
+@pytest.mark.parametrize("size", [(2000, 60), (60, 2000), (3, 300)])
+def test_extreme_aspect_ratio_samples_like_torchvision(tmp_path, size):
+    """Beyond 16:1 the crop is resized straight from the source box Resize(256) + CenterCrop(224)
+    would sample: the same positions and filter, rounded once instead of twice, so within one
+    level of torchvision's result."""
+    path = write_photo(tmp_path / "strip.png", 4, size=size)
+    crop = data_mod.load_crop(path).permute(1, 2, 0).numpy().astype(int)
+    want = np.asarray(RESIZE_CROP(Image.open(path).convert("RGB"))).astype(int)
+    assert crop.shape == want.shape == (224, 224, 3)
+    assert np.abs(crop - want).max() <= 1 and np.abs(crop - want).mean() < 0.5
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text"])
+def test_unreadable_files_raise(tmp_path, kind):
+    names = {v: k for k, v in write_broken_files(tmp_path).items()}
+    with pytest.raises(Exception) as caught:
+        data_mod.load_crop(tmp_path / names[kind])
+    reason = data_mod.describe_error(caught.value)
+    assert "\n" not in reason and reason
+    if kind != "truncated":
+        assert reason == "not an image Pillow can read"
+    else:
+        assert "truncated" in reason or "OSError" in reason
+
+
+# -- the transform against torchvision ---------------------------------------------------------------
+
+
+def test_uint8_crops_then_normalize_equal_torchvision_bitwise(shared_images):
+    names = REAL[:4] + [GRAYSCALE]
+    assert Image.open(shared_images / GRAYSCALE).mode == "L"
+    crops = torch.stack([data_mod.load_crop(shared_images / n) for n in names])
+    ours = data_mod.normalize(crops)
+    want = torch.stack([EVAL_TRANSFORM(Image.open(shared_images / n).convert("RGB")) for n in names])
+    assert ours.dtype == want.dtype == torch.float32
+    assert torch.equal(ours, want)  # bitwise: the same roundings in the same order
+    # What the network saw, back to pixels.
+    assert torch.equal(data_mod.denormalize(ours), crops)
+
+
+def test_normalize_on_generated_pictures_equals_torchvision_bitwise(tmp_path):
+    paths = [write_photo(tmp_path / f"{i}.png", i, size=(90 + 7 * i, 60)) for i in range(4)]
+    crops = torch.stack([data_mod.load_crop(p) for p in paths])
+    want = torch.stack([EVAL_TRANSFORM(Image.open(p).convert("RGB")) for p in paths])
+    assert torch.equal(data_mod.normalize(crops), want)
+
+
+# -- the loader ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> data_mod.ImageList:
+    root = tmp_path / "data"
+    for i in range(7):
+        write_photo(root / f"img{i}.png", i)
+    write_broken_files(root)
+    return data_mod.discover(root)
+
+
+def load_all(images: data_mod.ImageList, workers: int, size: int = 3, gpu_jpeg: bool = False):
+    slots = data_mod.Slots(len(images.files), size)
+    loader = data_mod.make_loader(images, slots.batches(range(slots.num_slots)), workers, pin_memory=False,
+                                  gpu_jpeg=gpu_jpeg)
+    return list(loader)
+
+
+def test_loader_with_workers_yields_what_one_process_does(mixed_folder):
+    serial = load_all(mixed_folder, 0)
+    parallel = load_all(mixed_folder, 2)
+    assert [b.slot for b in serial] == [b.slot for b in parallel] == [0, 1, 2, 3]
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+        assert a.failures == b.failures
+    files = mixed_folder.files
+    failed = {files[i]: reason for batch in serial for i, reason in batch.failures}
+    assert set(failed) == {"truncated.jpg", "empty.png", "text.jpg"}
+    decoded = [files[i] for batch in serial for i in batch.indices.tolist()]
+    assert decoded == [f for f in files if f not in failed]
+    # Each decoded crop is that file's own crop, in slot order.
+    for batch in serial:
+        for row, index in enumerate(batch.indices.tolist()):
+            assert torch.equal(batch.images[row], data_mod.load_crop(mixed_folder.path(index)))
+
+
+# -- GPU JPEG decoding -------------------------------------------------------------------------------
+
+
+def test_only_whole_rgb_or_gray_jpegs_are_left_to_the_gpu_decoder():
+    whole = jpeg_bytes(1, (120, 90))
+    assert data_mod._gpu_decodable(whole)
+    assert data_mod._gpu_decodable(whole + b"\x00" * 300)  # padding after the end marker
+    for cut in (len(whole) // 3, len(whole) - 2, len(whole) - 1):
+        assert not data_mod._gpu_decodable(whole[:cut])  # truncated: Pillow must refuse it
+    gray, cmyk, png = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo(2, (40, 30))[..., 0], "L").save(gray, format="JPEG")
+    Image.fromarray(np.full((30, 40, 4), 60, np.uint8), "CMYK").save(cmyk, format="JPEG")
+    Image.fromarray(photo(2, (40, 30)), "RGB").save(png, format="PNG")
+    assert data_mod._gpu_decodable(gray.getvalue())
+    assert not data_mod._gpu_decodable(cmyk.getvalue()) and not data_mod._gpu_decodable(png.getvalue())
+
+
+CUDA = pytest.mark.skipif(not zfkernels.has_cuda(), reason="no CUDA GPU visible, or the CUDA kernels were not compiled")
+
+
+@pytest.mark.cuda
+@CUDA
+def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
+    device = torch.device("cuda")
+    if not data_mod.gpu_jpeg_available(device):
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(5):
+        (root / f"rgb{i}.jpg").write_bytes(jpeg_bytes(i, (300 + 20 * i, 200)))
+    (root / "progressive.jpg").write_bytes(jpeg_bytes(9, (260, 300), progressive=True))
+    Image.fromarray(photo(7, (280, 210))[..., 0], "L").save(root / "gray.jpg")
+    Image.fromarray(np.full((40, 60, 4), 60, np.uint8), "CMYK").save(root / "cmyk.jpg")
+    write_broken_files(root)
+    images = data_mod.discover(root)
+    cpu_batches = load_all(images, 0, size=4)
+    gpu_batches = load_all(images, 0, size=4, gpu_jpeg=True)
+    assert any(b.encoded for b in gpu_batches)
+    cpu_failed = sorted(f for b in cpu_batches for f in b.failures)
+    gpu_failed, gpu_ok = [], {}
+    for batch in gpu_batches:
+        indices, crops, failures = data_mod.decode_on_device(batch, images, device)
+        gpu_failed += batch.failures + failures
+        assert crops.device.type == "cuda" and crops.dtype == torch.uint8
+        assert indices.tolist() == sorted(indices.tolist())  # slot order
+        gpu_ok.update({i: c.cpu() for i, c in zip(indices.tolist(), crops)})
+    assert sorted(i for i, _ in gpu_failed) == sorted(i for i, _ in cpu_failed)  # truncated too
+    cpu_ok = {i: c for b in cpu_batches for i, c in zip(b.indices.tolist(), b.images)}
+    assert sorted(gpu_ok) == sorted(cpu_ok)
+    for i, crop in cpu_ok.items():
+        diff = (gpu_ok[i].int() - crop.int()).abs().float()
+        # nvjpeg's IDCT and upsampling, and torchvision's tensor resize, differ from Pillow's.
+        assert diff.mean() < 3.0 and diff.max() <= 64, images.files[i]

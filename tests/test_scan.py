@@ -1,0 +1,294 @@
+"""Pass 1 (``zfkernels.scan``): the running top-K against brute-force Python sorts, the spatial
+max against a direct argmax, the scan of real photographs against an independent forward, and
+checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+import torch
+
+from zfkernels import data as data_mod
+from zfkernels import models
+from zfkernels.scan import EMPTY, LayerTop, ScanPlan, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
+
+from conftest import sliced
+from _visualize import REAL, brute_force_topk, photo_folder, real_folder
+
+# -- the ranking ---------------------------------------------------------------------------------
+
+
+def python_top(candidates: List[Tuple[float, int, int]], k: int) -> List[Tuple[float, int, int]]:
+    """(value, image, position) sorted by value descending then image ascending, NaN as -inf."""
+    as_inf = [(-math.inf if math.isnan(v) else v, i, p) for v, i, p in candidates]
+    return sorted(as_inf, key=lambda t: (-t[0], t[1]))[:k]
+
+
+def rows_of(values, images, positions) -> List[List[Tuple[float, int, int]]]:
+    return [list(zip(v, i, p)) for v, i, p in zip(values.tolist(), images.tolist(), positions.tolist())]
+
+
+def random_candidates(generator: torch.Generator, rows: int, count: int, images: int):
+    """Values from a small set (many ties, -inf too), distinct images per row in random order."""
+    levels = torch.tensor([0.0, 0.5, 1.0, 2.0, -math.inf])
+    values = levels[torch.randint(0, len(levels), (rows, count), generator=generator)]
+    chosen = torch.stack([torch.randperm(images, generator=generator)[:count] for _ in range(rows)])
+    positions = torch.randint(0, 1000, (rows, count), generator=generator)
+    return values, chosen, positions
+
+
+@pytest.mark.parametrize("k", [1, 3, 9, 40])
+def test_select_top_equals_a_python_sort(k):
+    g = torch.Generator().manual_seed(k)
+    for _ in range(20):
+        values, images, positions = random_candidates(g, 6, 25, 60)
+        got = select_top(values, images, positions, k)
+        want = [python_top(row, k) for row in rows_of(values, images, positions)]
+        assert rows_of(*got) == want
+
+
+def test_select_top_orders_the_whole_float_range_like_a_python_sort():
+    """Negative values, both zeros, subnormals, huge magnitudes and infinities: the ranking key
+    keeps the float order exactly (and -0.0 ties with +0.0, as Python compares them)."""
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.4e38, 3.4e38, math.inf, -math.inf, 1.0, -1.0])
+    for _ in range(20):
+        values = torch.randn(4, 30, generator=g) * torch.tensor(10.0).pow(torch.randint(-30, 30, (4, 30), generator=g))
+        picks = torch.randint(0, 2, (4, 30), generator=g).bool()
+        values = torch.where(picks, special[torch.randint(0, len(special), (4, 30), generator=g)], values)
+        images = torch.stack([torch.randperm(1000, generator=g)[:30] for _ in range(4)])
+        positions = torch.randint(0, 50, (4, 30), generator=g)
+        got = select_top(values, images, positions, 12)
+        want = [python_top(row, 12) for row in rows_of(values, images, positions)]
+        assert [[(i, p) for _, i, p in row] for row in rows_of(*got)] == [[(i, p) for _, i, p in row] for row in want]
+
+
+def test_layer_top_keeps_fewer_images_than_k_and_ranks_empty_slots_last():
+    top = LayerTop.empty(torch.tensor([3, 7]), 5, (4, 4), torch.device("cpu"))
+    # Two images; one map of image 4 was all NaN (spatial_max made it -inf): still a real entry.
+    top.merge(torch.tensor([[1.0, -math.inf], [0.5, 0.5]]), torch.tensor([[4, 2], [4, 2]]),
+              torch.tensor([[5, 6], [7, 8]]))
+    assert top.images.tolist() == [[4, 2, EMPTY, EMPTY, EMPTY], [2, 4, EMPTY, EMPTY, EMPTY]]
+    assert top.entries(0) == [(4, 1.0, 1, 1), (2, -math.inf, 1, 2)]
+    assert top.entries(1) == [(2, 0.5, 2, 0), (4, 0.5, 1, 3)]  # the tie goes to the earlier image
+
+
+def test_merge_is_invariant_to_the_split_and_order_of_batches():
+    """Any partition of the candidates into batches, merged in any order (as resuming and
+    sharding do), gives the brute-force top-K."""
+    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    rows, count, k = 5, 48, 7
+    values, images, positions = random_candidates(g, rows, count, count)
+    # One candidate per image and row: sort the columns by image so a batch is a set of images.
+    order = images.argsort(dim=1)
+    values, images, positions = values.gather(1, order), images.gather(1, order), positions.gather(1, order)
+    want = [python_top(row, k) for row in rows_of(values, images, positions)]
+    for trial in range(25):
+        cuts = sorted(rng.sample(range(1, count), rng.randint(0, 10)))
+        pieces = [list(range(a, b)) for a, b in zip([0] + cuts, cuts + [count])]
+        rng.shuffle(pieces)
+        top = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device("cpu"))
+        for piece in pieces:
+            cols = torch.tensor(piece)
+            top.merge(values[:, cols], images[:, cols], positions[:, cols])
+        assert rows_of(top.values, top.images, top.positions) == want, f"trial {trial}: {pieces}"
+    # Two partial tops merged as states (what processes and checkpoints do) give the same.
+    halves = []
+    for cols in (torch.arange(0, count, 2), torch.arange(1, count, 2)):
+        part = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device("cpu"))
+        part.merge(values[:, cols], images[:, cols], positions[:, cols])
+        halves.append({"layer": part.state()})
+    for states in (halves, halves[::-1]):
+        merged = merge_states(states)["layer"]
+        assert rows_of(merged.values, merged.images, merged.positions) == want
+
+
+# -- the spatial max -------------------------------------------------------------------------------
+
+
+def direct_max(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (image, map), in Python: the largest value and the first (row-major) position holding
+    it; a map holding a NaN is -inf at its first NaN."""
+    n, c, h, w = x.shape
+    values = torch.empty(n, c)
+    positions = torch.empty(n, c, dtype=torch.int64)
+    for i in range(n):
+        for j in range(c):
+            flat = x[i, j].reshape(-1).tolist()
+            nans = [p for p, v in enumerate(flat) if math.isnan(v)]
+            if nans:
+                values[i, j], positions[i, j] = -math.inf, nans[0]
+                continue
+            best = max(flat)
+            values[i, j], positions[i, j] = best, flat.index(best)
+    return values, positions
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("kind", ["ties", "relu", "nan"])
+def test_spatial_max_equals_a_direct_argmax(layout, kind, device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 7, 6, generator=g)
+    if kind == "ties":
+        x = torch.randint(0, 3, x.shape, generator=g).float()
+    elif kind == "relu":
+        x = torch.relu(x - 1.5)  # many all-zero maps: the max is at position 0
+    else:
+        x = torch.relu(x)
+        x[0, 1, 2, 3] = x[0, 1, 5, 0] = x[2, 4, 6, 5] = float("nan")
+        x[1, 2].fill_(float("nan"))
+    want = direct_max(x)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = sliced(x)
+    values, positions = spatial_max(x.to(device))
+    assert torch.equal(values.cpu(), want[0]) and torch.equal(positions.cpu(), want[1])
+
+
+# -- the scan of real photographs --------------------------------------------------------------------
+
+
+def scan_plan(root: Path, layers, channels, top: int, batch_size: int) -> ScanPlan:
+    images = data_mod.discover(root)
+    return ScanPlan(images, data_mod.Slots(len(images.files), batch_size), layers,
+                    {name: channels[name] for name in layers}, top, {"test": 1})
+
+
+def as_document(result_layers, files, model) -> dict:
+    """A scan result in topk.json's shape (boxes from the engine), for comparison."""
+    from zfkernels.deconvnet import Deconvnet
+
+    dn = Deconvnet(model)
+    out = {}
+    for name, top in result_layers.items():
+        out[name] = [{"channel": int(c), "top": [
+            {"image": files[i], "value": v, "y": y, "x": x, "box": list(dn.receptive_field(name, y, x, (224, 224)))}
+            for i, v, y, x in top.entries(j)]} for j, c in enumerate(top.channels.tolist())]
+    return out
+
+
+@pytest.fixture(scope="module")
+def zfnet():
+    return models.zfnet(seed=0).eval()
+
+
+@pytest.fixture
+def photos_with_twins(shared_images, tmp_path) -> Path:
+    """Ten real photographs (one grayscale) and two byte-identical copies: exact ties between
+    images where the CPU computes both copies bitwise alike (most do), which the brute force
+    gives to the earlier file."""
+    root = real_folder(shared_images, tmp_path / "data", REAL[:10])
+    (root / "zz_twin_of_tench.JPEG").write_bytes((root / REAL[0]).read_bytes())
+    (root / "n01443537_goldfish_twin.JPEG").write_bytes((root / REAL[1]).read_bytes())
+    return root
+
+
+def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twins, zfnet):
+    layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    counts = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256}
+    channels = {name: torch.arange(counts[name]) for name in layers}
+    plan = scan_plan(photos_with_twins, layers, channels, top=4, batch_size=5)
+    result = run_scan(zfnet, plan, torch.device("cpu"))
+    files = plan.images.files
+    want = brute_force_topk(zfnet, photos_with_twins, files, layers, None, 4, 5)
+    assert as_document(result.layers, files, zfnet) == want
+    assert result.scanned == len(files) == 12 and result.skipped == []
+
+
+def test_resumed_and_sharded_scans_equal_the_uninterrupted_one(tmp_path, zfnet):
+    """Slots scanned in pieces (a resume from a checkpoint state, two 'processes' merged) give
+    the same top-K as one uninterrupted scan, on generated pictures with a subset of maps."""
+    root = photo_folder(tmp_path / "data", 11)
+    layers = ["conv1", "conv2"]
+    channels = {"conv1": torch.tensor([0, 5, 17, 95]), "conv2": torch.tensor([1, 2, 200])}
+    plan = scan_plan(root, layers, channels, top=3, batch_size=3)  # 4 slots, the last of 2
+    whole = run_scan(zfnet, plan, torch.device("cpu"))
+
+    def partial(slots) -> Scanner:
+        scanner = Scanner(zfnet, layers, channels, 3, torch.device("cpu"))
+        net = zfnet.to(memory_format=torch.channels_last)
+        try:
+            for slot in slots:
+                idx = plan.slots.indices(slot)
+                crops = torch.stack([data_mod.load_crop(plan.images.path(i)) for i in idx])
+                with torch.inference_mode():
+                    scanner.update(data_mod.normalize(crops).contiguous(memory_format=torch.channels_last),
+                                   torch.tensor(idx))
+        finally:
+            net.to(memory_format=torch.contiguous_format)
+        return scanner
+
+    first = partial([3, 1])
+    resumed = run_scan(zfnet, plan, torch.device("cpu"),
+                       resume=ScanState(plan.fingerprint, [1, 3], first.state(), [], 5, False))
+    assert as_document(resumed.layers, plan.images.files, zfnet) == as_document(whole.layers, plan.images.files, zfnet)
+    assert resumed.scanned == whole.scanned == 11
+    other = partial([0, 2])
+    other.merge_states([first.state()])
+    assert as_document(other.layers, plan.images.files, zfnet) == as_document(whole.layers, plan.images.files, zfnet)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_run_scan_writes_a_complete_checkpoint_with_the_skipped_files(tmp_path, zfnet):
+    root = photo_folder(tmp_path / "data", 5)
+    (root / "img002.png").write_bytes(b"")  # unreadable: skipped, recorded
+    plan = scan_plan(root, ["conv1"], {"conv1": torch.tensor([0, 1])}, top=2, batch_size=2)
+    checkpoint = tmp_path / "ck.pt"
+    result = run_scan(zfnet, plan, torch.device("cpu"), checkpoint=checkpoint, checkpoint_every=0)
+    state = ScanState.load(checkpoint)
+    assert state.complete and state.done == [0, 1, 2] and state.scanned == 4 == result.scanned
+    assert state.skipped == result.skipped == [(2, "not an image Pillow can read")]
+    assert state.fingerprint == {"test": 1}
+    assert torch.equal(state.topk["conv1"]["values"], result.layers["conv1"].values)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_checkpoint_round_trip(tmp_path):
+    top = LayerTop.empty(torch.tensor([2, 9]), 3, (13, 13), torch.device("cpu"))
+    top.merge(torch.tensor([[3.0, 1.0], [0.25, -math.inf]]), torch.tensor([[0, 7], [0, 7]]),
+              torch.tensor([[12, 168], [0, 5]]))
+    state = ScanState({"arch": "zfnet", "features": {"conv5": [2, 9]}, "weights": None}, [4, 0, 2],
+                      {"conv5": top.state()}, [(3, "truncated"), (1, "not an image")], 17, False)
+    path = tmp_path / "checkpoint.pt"
+    state.save(path)
+    back = ScanState.load(path)
+    assert back.fingerprint == state.fingerprint and back.done == [0, 2, 4] and back.scanned == 17
+    assert back.skipped == [(1, "not an image"), (3, "truncated")] and back.complete is False
+    restored = LayerTop.from_state(back.topk["conv5"], torch.device("cpu"))
+    for key in ("channels", "values", "images", "positions"):
+        assert torch.equal(getattr(restored, key), getattr(top, key)), key
+    assert restored.map_size == (13, 13)
+
+
+class NotAllowed:
+    """Unpickling this needs weights_only=False: a checkpoint must never run code."""
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "other version", "missing keys", "not a dict", "pickled object"])
+def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path, kind):
+    path = tmp_path / "checkpoint.pt"
+    good = ScanState({"a": 1}, [0], {}, [], 3, False)
+    good.save(path)
+    if kind == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 10)
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif kind == "other version":
+        torch.save({"version": 999, "fingerprint": {}, "done": [], "topk": {}, "skipped": [], "scanned": 0,
+                    "complete": False}, path)
+    elif kind == "missing keys":
+        torch.save({"version": 1, "fingerprint": {"a": 1}}, path)
+    elif kind == "not a dict":
+        torch.save([1, 2, 3], path)
+    else:
+        torch.save({"version": 1, "payload": NotAllowed()}, path)
+    with pytest.raises(ValueError, match=r"checkpoint .*(unreadable|another version|not a zfk checkpoint)"):
+        ScanState.load(path)
