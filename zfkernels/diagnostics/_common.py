@@ -1,0 +1,441 @@
+"""What the diagnostics share: the paper's layer numbers on each model, a forward pass that taps
+named layers, ImageNet labels, image loading, occluding boxes, pass 1 + pass 2 for a few feature
+maps, and writing figures, JSON and pages into ``--out``.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (the Agg renderer, no
+pyplot), so nothing here touches matplotlib's global backend or needs a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import data as data_mod
+from .. import gallery
+from .._io import atomic_write_bytes, atomic_write_text
+from ..cliutil import CliError, check_files_exist, progress_bar, say, untrained_warning
+from ..deconvnet import parse_features
+from ..patches import ProjectionResult, project_selections
+from ..scan import ScanPlan, ScanResult, run_scan
+
+# -- the paper's layers on our models ------------------------------------------------------------
+
+PAGES = {
+    "occlusion": "Occlusion sensitivity (Section 4.2, Figure 7)",
+    "correspondence": "Correspondence analysis (Section 4.3, Table 7)",
+    "invariance": "Invariance to translation, scale and rotation (Section 4, Figure 5)",
+    "evolution": "Feature evolution during training (Figure 4)",
+    "filters": "Layer-1 filters and layer-2 projections (Section 4.1, Figure 6)",
+}
+
+
+@dataclass(frozen=True)
+class PaperLayers:
+    """The paper's "layer 1", "layer 2", "layer 5" and "layer 7" on a model: the first, second
+    and last conv layers (post-ReLU; conv1, conv2, conv5 on ZFNet/AlexNet, conv1_1, conv1_2,
+    conv5_3 on VGG16) and ``fc7``, the post-ReLU output of the classifier's second linear layer."""
+
+    layer1: str
+    layer2: str
+    layer5: str
+    layer7: str
+
+
+def paper_layers(model: nn.Module) -> PaperLayers:
+    """The paper's layer numbers for ``model`` (see :class:`PaperLayers`)."""
+    extractor = FeatureExtractor(model)
+    convs = extractor.conv_layers
+    fcs = extractor.fc_layers
+    if len(fcs) < 2:
+        raise ValueError("the model's classifier needs two linear layers followed by ReLUs (fc6, fc7)")
+    return PaperLayers(convs[0], convs[1] if len(convs) > 1 else convs[0], convs[-1], fcs[1])
+
+
+class FeatureExtractor:
+    """One forward pass of a zoo-style model (``features`` -> ``avgpool`` -> flatten ->
+    ``classifier``) that returns the post-ReLU outputs of the requested layers: conv layers by
+    the engine's names (``conv1`` …, ``conv5_3``), the classifier's linear layers followed by a
+    ReLU as ``fc6``, ``fc7`` … (counted from 6, as in the paper), and ``"logits"``. The pass
+    stops after the deepest layer asked for."""
+
+    def __init__(self, model: nn.Module) -> None:
+        for part in ("features", "avgpool", "classifier"):
+            if not hasattr(model, part):
+                raise ValueError(f"the model needs .{part} (as torchvision's and zfkernels.models)")
+        self.model = model
+        self.stages = parse_features(model.features)
+        self.features = list(model.features.children()) if isinstance(model.features, nn.Sequential) else [model.features]
+        self.conv_layers: List[str] = [s.name for s in self.stages if s.kind == "conv"]
+        self._feature_taps = {i: s.name for i, s in enumerate(self.stages) if s.kind == "relu"}
+        self.classifier = list(model.classifier.children()) if isinstance(model.classifier, nn.Sequential) else [model.classifier]
+        self._fc_taps: Dict[int, str] = {}
+        linear = 0
+        for i, module in enumerate(self.classifier):
+            if isinstance(module, nn.Linear):
+                linear += 1
+            elif isinstance(module, nn.ReLU) and linear and i > 0:
+                self._fc_taps[i] = f"fc{5 + linear}"
+        self.fc_layers: List[str] = list(self._fc_taps.values())
+
+    @property
+    def layers(self) -> List[str]:
+        return self.conv_layers + self.fc_layers + ["logits"]
+
+    def check(self, layers: Sequence[str], what: str = "layers") -> None:
+        unknown = [name for name in layers if name not in self.layers]
+        if unknown:
+            raise ValueError(f"{what}: unknown layer {unknown[0]!r}; this network has {', '.join(self.layers)}")
+
+    def __call__(self, images: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """``{layer: (N, ...) tensor}`` for ``images`` ``(N, 3, H, W)`` (no autograd)."""
+        self.check(layers)
+        wanted = set(layers)
+        out: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            # The layout the model's weights are in (see channels_last()): a conv mixing layouts is slow.
+            weight = self.stages[0].module.weight if self.stages else None
+            if weight is not None and weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+                    and not weight.is_contiguous():
+                images = images.contiguous(memory_format=torch.channels_last)
+            x = images
+            for i, module in enumerate(self.features):
+                x = module(x)
+                name = self._feature_taps.get(i)
+                if name in wanted:
+                    out[name] = x  # later feature modules never write into it (no in-place op follows a ReLU)
+                if len(out) == len(wanted):
+                    return out
+            x = torch.flatten(self.model.avgpool(x), 1)
+            for i, module in enumerate(self.classifier):
+                x = module(x)
+                name = self._fc_taps.get(i)
+                if name in wanted:
+                    out[name] = x
+            if "logits" in wanted:
+                out["logits"] = x
+        return out
+
+
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in channels-last layout inside the block (its convolutions are 1.4x faster
+    on this CPU, and faster on GPUs too), back to the default layout afterwards, as pass 1 does.
+    Feed it channels-last images (:meth:`FeatureExtractor.__call__` converts them)."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def forward_batched(extractor: FeatureExtractor, images: torch.Tensor, layers: Sequence[str],
+                    batch_size: int) -> Dict[str, torch.Tensor]:
+    """:class:`FeatureExtractor` over ``images`` in batches of ``batch_size``, concatenated."""
+    parts: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
+    for start in range(0, images.shape[0], batch_size):
+        for name, value in extractor(images[start:start + batch_size], layers).items():
+            parts[name].append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+# -- ImageNet labels ---------------------------------------------------------------------------
+
+WNID = re.compile(r"n\d{8}")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_synsets() -> Tuple[str, ...]:
+    """The 1000 ILSVRC-2012 WordNet ids, sorted: class ``i`` is ``imagenet_synsets()[i]``
+    (package data, taken from timm's ``imagenet_synsets.txt``)."""
+    text = resources.files(__package__).joinpath("imagenet_synsets.txt").read_text(encoding="ascii")
+    return tuple(text.split())
+
+
+@functools.lru_cache(maxsize=1)
+def class_names() -> Tuple[str, ...]:
+    """Display names of the 1000 classes, torchvision's (``_IMAGENET_CATEGORIES``)."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def class_name(index: int) -> str:
+    """``"281 tabby"``-style name of class ``index`` (just the number beyond the 1000 classes)."""
+    names = class_names()
+    return names[index] if 0 <= index < len(names) else f"class {index}"
+
+
+def synset_of(path: Path) -> Optional[str]:
+    """The ImageNet synset a file is labelled with: the first ``nXXXXXXXX`` in its name, else in
+    the name of a folder above it (class subfolders); ``None`` when there is none."""
+    for part in [path.name] + [p.name for p in path.parents]:
+        match = WNID.search(part)
+        if match:
+            return match.group(0)
+    return None
+
+
+def parse_label(text: str, what: str = "--label") -> int:
+    """A class given as an index (``281``) or a WordNet id (``n02123045``)."""
+    text = text.strip()
+    synsets = imagenet_synsets()
+    if text.isdigit():
+        index = int(text)
+        if index >= len(synsets):
+            raise CliError(f"{what}: class index {index} is out of range (0-{len(synsets) - 1})")
+        return index
+    if text in synsets:
+        return synsets.index(text)
+    raise CliError(f"{what}: {text!r} is neither a class index (0-999) nor an ImageNet synset id like n02123045")
+
+
+def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List[int]:
+    """Each image's true class: ``labels`` (one for all images, or one per image), else the
+    synset in its file name."""
+    if labels:
+        if len(labels) not in (1, len(paths)):
+            raise CliError(f"--label: give one label for all images or one per image ({len(paths)}), got {len(labels)}")
+        parsed = [parse_label(text) for text in labels]
+        return parsed * len(paths) if len(parsed) == 1 else parsed
+    synsets = imagenet_synsets()
+    out = []
+    for path in paths:
+        wnid = synset_of(path)
+        if wnid is None:
+            raise CliError(f"{path}: no ImageNet synset (like n01440764) in the file name; pass --label INDEX|SYNSET")
+        if wnid not in synsets:
+            raise CliError(f"{path}: {wnid} is not one of the 1000 ImageNet classes; pass --label INDEX|SYNSET")
+        out.append(synsets.index(wnid))
+    return out
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def load_images(paths: Sequence[str], what: str) -> Tuple[List[Path], torch.Tensor]:
+    """Existing image files -> their uint8 ``(N, 3, 224, 224)`` evaluation crops (a missing or
+    unreadable file is a :class:`CliError` naming it)."""
+    files = check_files_exist(paths, what)
+    crops = []
+    for path in files:
+        try:
+            crops.append(data_mod.load_crop(path))
+        except Exception as error:  # any decoder failure is the user's file
+            raise CliError(f"{what}: cannot read {path} ({data_mod.describe_error(error)})") from None
+    return files, torch.stack(crops)
+
+
+def fill_value(text: str) -> torch.Tensor:
+    """``--fill``: ``mean`` (the ImageNet mean pixel: 0 after normalisation), ``grey`` (128) or a
+    grey level 0-255, as a normalised ``(3,)`` tensor."""
+    if text == "mean":
+        return torch.zeros(3)
+    level = 128 if text in ("grey", "gray") else None
+    if level is None:
+        try:
+            level = int(text)
+        except ValueError:
+            raise CliError(f"--fill: {text!r} is not mean, grey or a grey level 0-255") from None
+        if not 0 <= level <= 255:
+            raise CliError(f"--fill: grey level {level} is outside 0-255")
+    return data_mod.normalize(torch.full((1, 3, 1, 1), level, dtype=torch.uint8)).view(3)
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, 1, H, W)`` bool masks of half-open boxes ``(B, 4)`` = ``(x0, y0, x1, y1)``."""
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_y = (rows >= boxes[:, 1:2]) & (rows < boxes[:, 3:4])
+    in_x = (cols >= boxes[:, 0:1]) & (cols < boxes[:, 2:3])
+    return (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)
+
+
+def occlude(images: torch.Tensor, boxes: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Copies of ``images`` ``(B, 3, H, W)`` with box ``b`` of ``boxes`` ``(B, 4)`` set to
+    ``fill`` ``(3,)`` (normalised values)."""
+    mask = box_mask(boxes.to(images.device), images.shape[-2], images.shape[-1])
+    return torch.where(mask, fill.to(images.device, images.dtype).view(1, 3, 1, 1), images)
+
+
+# -- pass 1 + pass 2 for a few feature maps ----------------------------------------------------
+
+
+def top_projections(model: nn.Module, images: data_mod.ImageList, channels: Dict[str, torch.Tensor], top: int,
+                    device: torch.device, *, batch_size: int = 32, quiet: bool = True,
+                    description: str = "scan") -> Tuple[ScanResult, ProjectionResult]:
+    """The ``top`` strongest activations of each requested feature map over ``images`` (pass 1,
+    :func:`zfkernels.scan.run_scan`) and their deconvnet projections as tiles (pass 2,
+    :func:`zfkernels.patches.project_selections`)."""
+    layers = list(channels)
+    plan = ScanPlan(images, data_mod.Slots(len(images.files), batch_size), layers, channels, top, fingerprint={})
+    bar = progress_bar(len(images.files), f"{description}: pass 1", "img", quiet)
+    try:
+        scan = run_scan(model, plan, device, progress=bar)
+    finally:
+        bar.close()
+    if scan.skipped:
+        names = ", ".join(gallery.log_text(images.files[i]) for i, _ in scan.skipped[:3])
+        say(f"{description}: {len(scan.skipped)} image(s) could not be read and were skipped ({names} …)", quiet)
+    projected = project_selections(model, scan.layers, images, device, batch_size=batch_size)
+    return scan, projected
+
+
+def tile_grid(tiles: np.ndarray, columns: int, gap: int = 2, background: int = 255) -> np.ndarray:
+    """``(K, h, w, 3)`` uint8 tiles -> one ``(rows*h + gaps, columns*w + gaps, 3)`` image, row by row."""
+    k, h, w = tiles.shape[:3]
+    rows = max(1, math.ceil(k / columns))
+    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), background, dtype=np.uint8)
+    for n in range(k):
+        y, x = (n // columns) * (h + gap), (n % columns) * (w + gap)
+        sheet[y:y + h, x:x + w] = tiles[n]
+    return sheet
+
+
+def display_projection(projection: torch.Tensor) -> np.ndarray:
+    """A ``(3, H, W)`` projection as an ``(H, W, 3)`` float image in [0, 1] with zero at mid-grey
+    and the largest magnitude at full scale (as the gallery's tiles)."""
+    scale = float(projection.abs().max().clamp_min(1e-30))
+    return (0.5 + 0.5 * projection.float() / scale).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def to_hwc(image: torch.Tensor) -> np.ndarray:
+    """A uint8 ``(3, H, W)`` tensor as an ``(H, W, 3)`` array for ``imshow``."""
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def plain(value: object) -> str:
+    """Text for matplotlib from a file or part name: shown as written (``$`` would start
+    mathtext), bytes that are not UTF-8 as U+FFFD (the renderer refuses lone surrogates)."""
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text.replace("$", r"\$")
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg renderer (no pyplot, no global state)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def save_figure(figure, path: Path) -> None:
+    """The figure as a PNG at ``path``, atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def jsonable(value: object) -> object:
+    """Tensors, arrays and numbers as plain JSON values; NaN and infinities as ``null``."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, document: Dict[str, object]) -> None:
+    """``document`` as JSON (ASCII, so any file name round-trips), atomically."""
+    atomic_write_text(path, json.dumps(jsonable(document), indent=1, ensure_ascii=True, allow_nan=False) + "\n")
+
+
+def model_header(args: argparse.Namespace) -> str:
+    """The page's table of the model, with the loud warning for an untrained one."""
+    parts = []
+    if args.weights is None:
+        parts.append(f"<p class=\"warn\">{gallery.text(untrained_warning(args.arch, args.seed))}</p>")
+    weights = f"seeded random, UNTRAINED (seed {args.seed})" if args.weights is None else args.weights
+    parts.append(f"<table><tr><th>architecture</th><td>{gallery.text(args.arch)}</td></tr>"
+                 f"<tr><th>weights</th><td>{gallery.text(weights)}</td></tr></table>")
+    return "\n".join(parts)
+
+
+def model_description(args: argparse.Namespace) -> Dict[str, object]:
+    """The model, for the JSON documents."""
+    return {"arch": args.arch, "weights": args.weights, "seed": None if args.weights else args.seed,
+            "untrained": args.weights is None}
+
+
+def subfolder(out: Path, name: str) -> Path:
+    """``out/name`` (a diagnostic's own folder), created."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_page(out: Path, name: str, body: str) -> Path:
+    """``out/name/index.html`` with ``body`` under the diagnostic's title, then refresh
+    ``out/diagnostics.html``. Returns the page's path."""
+    title = PAGES[name]
+    nav = "<p class=\"links\"><a href=\"../diagnostics.html\">all diagnostics</a></p>"
+    page = out / name / "index.html"
+    atomic_write_text(page, gallery._page(f"zfk {name}", f"{nav}\n<h1>{gallery.text(title)}</h1>\n{body}"))
+    write_index(out)
+    return page
+
+
+def write_index(out: Path) -> None:
+    """``out/diagnostics.html``: a link to every diagnostic page present in ``out``."""
+    items = [f"<li><a href=\"{gallery.href(name + '/index.html')}\">{gallery.text(title)}</a> "
+             f"(<code>zfk {name}</code>)</li>" for name, title in PAGES.items() if (out / name / "index.html").is_file()]
+    visualize = "<p><a href=\"index.html\">The feature-map gallery (zfk visualize)</a></p>" if (out / "index.html").is_file() else ""
+    body = f"<h1>zfk diagnostics</h1>\n{visualize}\n<ul>\n" + "\n".join(items) + "\n</ul>"
+    atomic_write_text(out / "diagnostics.html", gallery._page("zfk diagnostics", body))
+
+
+def figure_html(src: str, alt: str, width: Optional[int] = None) -> str:
+    """An ``<img>`` of one of the page's own files."""
+    size = f" style=\"max-width:100%;width:{width}px\"" if width else " style=\"max-width:100%\""
+    return f"<p><img src=\"{gallery.href(src)}\" alt=\"{gallery.text(alt)}\"{size}></p>"
+
+
+def warn_untrained(args: argparse.Namespace) -> None:
+    """The loud warning on stderr for a seeded random model (also under ``--quiet``)."""
+    if args.weights is None:
+        say(untrained_warning(args.arch, args.seed))
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="zfk-out", metavar="DIR",
+                        help="output folder, the one `zfk visualize` writes its gallery into (default: zfk-out); "
+                             "this command writes into a subfolder of it and refreshes diagnostics.html")
+
+
+def add_label_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", nargs="+", metavar="CLASS",
+                        help="true class as an index 0-999 or a synset id: one for all images or one per image "
+                             "(default: the synset in each file name)")
+
+
+def finish_parser(parser: argparse.ArgumentParser, run, batch_size: int = 64) -> None:
+    """The options every diagnostic ends with (``--batch-size``, ``--out``, ``--quiet``) and
+    its ``run`` function."""
+    from ..cliutil import add_quiet_option, positive_int
+
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
+                        help=f"images per forward pass on the device (default: {batch_size})")
+    add_out_option(parser)
+    add_quiet_option(parser)
+    parser.set_defaults(run=run)

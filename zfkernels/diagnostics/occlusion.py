@@ -1,0 +1,331 @@
+"""Occlusion sensitivity (Section 4.2, Figure 7): a grey square slid over the image; for every
+position of the square, the total activation of the image's strongest layer-5 feature map, the
+probability of the true class and the most probable class. All occluded copies of an image go
+through the network in batches on the device.
+
+The grid. With an image of ``H x W``, stride ``s`` and a square of side ``k``, the map has
+``ceil(H / s) x ceil(W / s)`` cells; cell ``(i, j)`` is the square centred on the stride block
+``[i*s, (i+1)*s) x [j*s, (j+1)*s)``: rows ``[i*s + s//2 - k//2, i*s + s//2 - k//2 + k)``, columns
+likewise, clipped to the image. So the map, enlarged ``s`` times, lies exactly over the image
+and every pixel is covered by some square.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import data as data_mod
+from .. import gallery
+from ..cliutil import CliError, add_model_options, load_model, positive_int, prepare_out, progress_bar, resolve_device, say
+from ..deconvnet import Deconvnet
+from ..scan import spatial_max
+from . import _common
+
+
+def occlusion_grid(height: int, width: int, size: int, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The occluder's extents: ``rows`` ``(R, 2)`` and ``cols`` ``(C, 2)`` of half-open
+    ``[start, stop)`` pixel ranges, ``R = ceil(height / stride)``, ``C = ceil(width / stride)``
+    (see the module's docstring). Cell ``(i, j)`` occludes ``rows[i] x cols[j]``."""
+    if size < 1 or stride < 1:
+        raise ValueError(f"occlusion_grid: size and stride must be positive, got size={size}, stride={stride}")
+
+    def extents(n: int) -> torch.Tensor:
+        starts = torch.arange(0, n, stride) + stride // 2 - size // 2
+        return torch.stack([starts.clamp(0, n), (starts + size).clamp(0, n)], dim=1)
+
+    return extents(height), extents(width)
+
+
+def grid_boxes(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(R*C, 4)`` boxes ``(x0, y0, x1, y1)`` of every cell, row by row."""
+    r, c = rows.shape[0], cols.shape[0]
+    ys = rows.repeat_interleave(c, dim=0)
+    xs = cols.repeat(r, 1)
+    return torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
+
+
+@dataclass
+class OcclusionMaps:
+    """One image's maps over the occluder positions (``(R, C)`` each): ``activation`` (total of
+    feature map ``channel`` of ``layer``), ``probability`` (softmax probability of ``target``),
+    ``top_class`` and ``top_probability`` (the most probable class and its probability)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    layer: str
+    channel: int
+    target: int
+    activation: torch.Tensor
+    probability: torch.Tensor
+    top_class: torch.Tensor
+    top_probability: torch.Tensor
+
+
+def occlusion_maps(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    layer: str,
+    channel: int,
+    target: int,
+    size: int = 50,
+    stride: int = 8,
+    fill: Optional[torch.Tensor] = None,
+    batch_size: int = 64,
+    progress: Optional[Callable[[int], None]] = None,
+) -> OcclusionMaps:
+    """Occlusion maps of one normalised ``(3, H, W)`` image (on the model's device): every
+    occluded copy (square of side ``size``, grid of ``stride``, filled with ``fill``, a
+    normalised ``(3,)``, default 0 = the ImageNet mean pixel) is evaluated, ``batch_size``
+    copies per forward pass."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"occlusion_maps: image must be (3, H, W), got {tuple(image.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"occlusion_maps: batch_size must be positive, got {batch_size}")
+    extractor = _common.FeatureExtractor(model)
+    extractor.check([layer])
+    fill = torch.zeros(3) if fill is None else fill
+    height, width = image.shape[-2:]
+    rows, cols = occlusion_grid(height, width, size, stride)
+    boxes = grid_boxes(rows, cols).to(image.device)
+    totals, probabilities, top_classes, top_probabilities = [], [], [], []
+    with _common.channels_last(model):
+        for start in range(0, boxes.shape[0], batch_size):
+            _occlusion_batch(extractor, image, boxes[start:start + batch_size], fill, layer, channel, target,
+                             (totals, probabilities, top_classes, top_probabilities))
+            if progress is not None:
+                progress(min(batch_size, boxes.shape[0] - start))
+    shape = (rows.shape[0], cols.shape[0])
+    return OcclusionMaps(rows, cols, layer, channel, target,
+                         torch.cat(totals).view(shape).cpu(), torch.cat(probabilities).view(shape).cpu(),
+                         torch.cat(top_classes).view(shape).cpu(), torch.cat(top_probabilities).view(shape).cpu())
+
+
+def _occlusion_batch(extractor: _common.FeatureExtractor, image: torch.Tensor, part: torch.Tensor, fill: torch.Tensor,
+                     layer: str, channel: int, target: int, out: Tuple[List[torch.Tensor], ...]) -> None:
+    """One batch of occluded copies: append their map totals, p(target), top classes and their
+    probabilities to the four lists of ``out``."""
+    totals, probabilities, top_classes, top_probabilities = out
+    copies = _common.occlude(image.unsqueeze(0).expand(part.shape[0], -1, -1, -1), part, fill)
+    features = extractor(copies, [layer, "logits"])
+    logits = features["logits"].float()
+    if not 0 <= target < logits.shape[1]:
+        raise ValueError(f"occlusion_maps: target class {target} is outside the model's {logits.shape[1]} classes")
+    totals.append(features[layer][:, channel].float().sum(dim=(-2, -1)))
+    p = torch.softmax(logits, dim=1)
+    probabilities.append(p[:, target])
+    best = p.max(dim=1)
+    top_probabilities.append(best.values)
+    top_classes.append(best.indices)
+
+
+@dataclass
+class Strongest:
+    """The unoccluded image's strongest feature map of a layer: ``channel`` holds the largest
+    single activation (``value``, at ``(y, x)``, first in row-major order; ties to the lower
+    channel), whose map sums to ``total``."""
+
+    channel: int
+    value: float
+    y: int
+    x: int
+    total: float
+
+
+def strongest_map(model: nn.Module, image: torch.Tensor, layer: str) -> Strongest:
+    """:class:`Strongest` of ``layer`` for one normalised ``(3, H, W)`` image."""
+    act = _common.FeatureExtractor(model)(image.unsqueeze(0), [layer])[layer]
+    values, positions = spatial_max(act.float())
+    channel = int(values[0].argmax())  # the first of equal maxima: the lower channel
+    position = int(positions[0, channel])
+    width = act.shape[-1]
+    return Strongest(channel, float(values[0, channel]), position // width, position % width,
+                     float(act[0, channel].float().sum()))
+
+
+def project_strongest(model: nn.Module, image: torch.Tensor, layer: str, strongest: Strongest) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    """The deconvnet projection of the strongest activation alone (``Deconvnet.project`` at its
+    position), ``(3, H, W)``, and its receptive field ``(x0, y0, x1, y1)``."""
+    dn = Deconvnet(model)
+    rec = dn.record(image.unsqueeze(0))
+    positions = torch.tensor([[strongest.y, strongest.x]], dtype=torch.int64)
+    projection = dn.project(rec, layer, [0], [strongest.channel], positions)[0]
+    return projection, dn.receptive_field(layer, strongest.y, strongest.x)
+
+
+# -- the figure --------------------------------------------------------------------------------
+
+LEGEND_CLASSES = 9  # classes named in panel (e); the rest are "other"
+
+
+def class_map_colours(top_class: torch.Tensor) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
+    """Panel (e): an index image (0 .. n-1 for the most frequent classes by area, n for the
+    rest) and ``(class, cells)`` of the named ones, most frequent first (ties: lower class)."""
+    classes, counts = torch.unique(top_class, return_counts=True)
+    order = sorted(zip(classes.tolist(), counts.tolist()), key=lambda t: (-t[1], t[0]))
+    named = order[:LEGEND_CLASSES]
+    index = np.full(top_class.shape, len(named), dtype=np.int64)
+    values = top_class.numpy()
+    for n, (cls, _) in enumerate(named):
+        index[values == cls] = n
+    return index, named
+
+
+def render(path: Path, example: torch.Tensor, name: str, maps: OcclusionMaps, strongest: Strongest,
+           projection: torch.Tensor, field: Tuple[int, int, int, int]) -> None:
+    """Figure 7's five panels for one image: (a) the input with one occluder position, (b) the
+    strongest layer-5 map's total activation, (c) its strongest activation projected, (d) the
+    probability of the true class, (e) the most probable class; as a PNG at ``path``.
+    ``example`` is the uint8 ``(3, H, W)`` input with the occluder at one position."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch, Rectangle
+
+    height, width = example.shape[-2:]
+    extent = (0, width, height, 0)  # map cells drawn over the image pixels they stand for
+    fig = _common.new_figure(22, 5.2)
+    axes = fig.subplots(1, 5)
+    a, b, c, d, e = axes
+    a.imshow(_common.to_hwc(example))
+    a.set_title(f"(a) {_common.plain(name)}\ntrue class: {_common.class_name(maps.target)}", fontsize=9)
+    im = b.imshow(maps.activation.numpy(), extent=extent, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=b, shrink=0.8)
+    b.set_title(f"(b) total activation of {maps.layer} map {maps.channel}\n(unoccluded: {strongest.total:.4g})", fontsize=9)
+    c.imshow(_common.display_projection(projection))
+    fx0, fy0, fx1, fy1 = field
+    c.add_patch(Rectangle((fx0, fy0), fx1 - fx0, fy1 - fy0, fill=False, edgecolor="black", linewidth=1.5))
+    c.set_title(f"(c) {maps.layer} map {maps.channel}: its strongest activation\n"
+                f"(y {strongest.y}, x {strongest.x}) projected; box = receptive field", fontsize=9)
+    im = d.imshow(maps.probability.numpy(), extent=extent, cmap="magma", vmin=0.0, interpolation="nearest")
+    fig.colorbar(im, ax=d, shrink=0.8)
+    d.set_title(f"(d) p({_common.class_name(maps.target)})", fontsize=9)
+    index, named = class_map_colours(maps.top_class)
+    palette = [tuple(v) for v in _palette(len(named))] + [(0.8, 0.8, 0.8, 1.0)]
+    e.imshow(index, extent=extent, cmap=ListedColormap(palette), vmin=-0.5, vmax=len(palette) - 0.5,
+             interpolation="nearest")
+    handles = [Patch(color=palette[n], label=f"{cls} {_common.class_name(cls)} ({count} positions)") for n, (cls, count) in enumerate(named)]
+    if (index == len(named)).any():
+        handles.append(Patch(color=palette[-1], label="other classes"))
+    e.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.04), fontsize=7, frameon=False, ncol=1)
+    e.set_title("(e) most probable class", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _common.save_figure(fig, path)
+
+
+def _palette(n: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return colormaps["tab10" if n <= 10 else "tab20"](np.arange(n))
+
+
+# -- the command -------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Occlusion sensitivity (the paper's Section 4.2, Figure 7). A grey square of --size pixels slides
+over each image's 224x224 evaluation crop in steps of --stride; every occluded copy is evaluated
+(--batch-size at a time). Per image, as functions of the square's position: (b) the total
+activation of the layer-5 feature map that holds the unoccluded image's strongest activation,
+(c) that activation projected to pixels by the deconvnet, (d) the probability of the true class
+(from the ImageNet synset in the file name, or --label), (e) the most probable class. Writes
+--out/occlusion/: a PNG per image, occlusion.json and index.html.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``occlusion`` to ``zfk``'s sub-commands."""
+    parser = subparsers.add_parser("occlusion", help="occlusion sensitivity maps (Figure 7)", description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    add_model_options(parser)
+    parser.add_argument("--size", type=positive_int, default=50, metavar="PIXELS", help="side of the square (default: 50)")
+    parser.add_argument("--stride", type=positive_int, default=8, metavar="PIXELS",
+                        help="step between positions (default: 8: a 28x28 map on 224x224)")
+    parser.add_argument("--fill", default="mean",
+                        help="the square's colour: mean (the ImageNet mean pixel, 0 after normalisation; default), "
+                             "grey (128) or a grey level 0-255")
+    _common.add_label_option(parser)
+    parser.add_argument("--layer", metavar="NAME",
+                        help="the layer whose strongest map is followed (default: the last conv layer, conv5; VGG16 conv5_3)")
+    _common.finish_parser(parser, run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``zfk occlusion``; returns the exit status."""
+    device = resolve_device(args.device)
+    fill = _common.fill_value(args.fill)
+    paths, crops = _common.load_images(args.images, "IMAGE")
+    targets = _common.true_classes(paths, args.label)
+    model = load_model(args.arch, args.weights, args.seed, device)
+    _common.warn_untrained(args)
+    layer = args.layer or _common.paper_layers(model).layer5
+    extractor = _common.FeatureExtractor(model)
+    if layer not in extractor.conv_layers:
+        raise CliError(f"--layer: {layer!r} is not a conv layer of {args.arch}; choose one of {', '.join(extractor.conv_layers)}")
+    out = prepare_out(Path(args.out))
+    folder = _common.subfolder(out, "occlusion")
+    images = data_mod.normalize(crops).to(device)
+    rows, cols = occlusion_grid(images.shape[-2], images.shape[-1], args.size, args.stride)
+    positions = rows.shape[0] * cols.shape[0]
+    bar = progress_bar(positions * len(paths), "occlusion", "copy", args.quiet)
+    entries: List[Dict[str, object]] = []
+    sections: List[str] = []
+    try:
+        for n, (path, image, target) in enumerate(zip(paths, images, targets)):
+            strongest = strongest_map(model, image, layer)
+            maps = occlusion_maps(model, image, layer=layer, channel=strongest.channel, target=target, size=args.size,
+                                  stride=args.stride, fill=fill, batch_size=args.batch_size, progress=bar)
+            projection, field = project_strongest(model, image, layer, strongest)
+            logits = extractor(image.unsqueeze(0), ["logits"])["logits"][0].float()
+            p = torch.softmax(logits, 0)
+            png = f"image{n:03d}.png"
+            centre = grid_boxes(maps.rows, maps.cols)[(rows.shape[0] // 2) * cols.shape[0] + cols.shape[0] // 2]
+            example = data_mod.denormalize(_common.occlude(image[None], centre[None], fill))[0].cpu()
+            render(folder / png, example, path.name, maps, strongest, projection, field)
+            entries.append({
+                "image": str(path), "figure": png,
+                "true_class": {"index": target, "synset": _common.imagenet_synsets()[target], "name": _common.class_name(target)},
+                "unoccluded": {"p_true": float(p[target]), "top_class": int(p.argmax()), "top_name": _common.class_name(int(p.argmax())),
+                               "top_probability": float(p.max())},
+                "strongest": {"layer": layer, "channel": strongest.channel, "value": strongest.value, "y": strongest.y,
+                              "x": strongest.x, "total": strongest.total, "receptive_field": list(field)},
+                "activation": maps.activation, "p_true": maps.probability, "top_class": maps.top_class,
+                "top_probability": maps.top_probability,
+            })
+            sections.append(
+                f"<section><h2>{gallery.text(path.name)}</h2>"
+                f"<p>true class {target} {gallery.text(_common.class_name(target))}: p = {float(p[target]):.4g} unoccluded; "
+                f"predicted {int(p.argmax())} {gallery.text(_common.class_name(int(p.argmax())))} ({float(p.max()):.4g}). "
+                f"Strongest {gallery.text(layer)} map: {strongest.channel} (activation {strongest.value:.4g} at "
+                f"y {strongest.y}, x {strongest.x}; map total {strongest.total:.4g}).</p>"
+                + _common.figure_html(png, f"occlusion maps of {path.name}") + "</section>")
+    finally:
+        bar.close()
+    document = {
+        "command": "occlusion", "model": _common.model_description(args),
+        "size": args.size, "stride": args.stride, "fill": args.fill, "fill_normalised": fill, "layer": layer,
+        "grid": {"rows": rows, "cols": cols,
+                 "rule": "cell (i, j) occludes rows[i] x cols[j] (half-open pixel ranges of the 224x224 crop); "
+                         "centred on the stride block [i*stride, (i+1)*stride), clipped to the image"},
+        "images": entries,
+    }
+    _common.write_json(folder / "occlusion.json", document)
+    body = (
+        f"{_common.model_header(args)}\n"
+        f"<p>A {args.size}×{args.size} square filled with {gallery.text(args.fill)} at {rows.shape[0]}×{cols.shape[0]} "
+        f"positions (stride {args.stride}; cell (i, j) is the square centred on the stride block of pixels "
+        f"[i·{args.stride}, (i+1)·{args.stride}), clipped to the image). Panels: (a) the input with the square at the "
+        f"centre position; (b) the total activation of the {gallery.text(layer)} feature map holding the unoccluded "
+        f"image's strongest activation; (c) that single activation projected to pixels by the deconvnet (box: its "
+        f"receptive field); (d) the probability of the true class; (e) the most probable class. The numbers: "
+        f"<a href=\"occlusion.json\">occlusion.json</a>.</p>\n" + "\n".join(sections))
+    _common.write_page(out, "occlusion", body)
+    say(f"occlusion: {len(paths)} image(s), {positions} positions each -> {folder / 'index.html'}", args.quiet)
+    return 0
