@@ -9,11 +9,8 @@ layer (576 projections from 16 images), for each of conv1 ... conv5, through
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +21,7 @@ import torch.utils.benchmark as benchmark
 import zfkernels
 from zfkernels import models, reference
 from zfkernels.deconvnet import Deconvnet, Recording
+from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
 
 SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 IMAGES, MAPS, TOP = 16, 64, 9
@@ -130,12 +128,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit("bench_deconvnet: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
         torch.backends.cudnn.allow_tf32 = False
     rows, source = run(device, args.layers, args.chunk_size)
-    meta = dict(date=date.today().isoformat(), machine=f"{platform.machine()} {torch.get_num_threads()} threads",
-                gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, torch=torch.__version__,
-                images=source, command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, rows, device.type == "cuda", argv, images=source)
 
 
 if __name__ == "__main__":

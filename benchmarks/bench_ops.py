@@ -10,10 +10,7 @@ in the same run; prints a Compare table, then one line per case with the ratio, 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -23,6 +20,7 @@ import torch.utils.benchmark as benchmark
 
 import zfkernels
 from zfkernels import reference
+from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
 
 BATCH = 32  # the batch the main job's pass 2 records
 
@@ -143,17 +141,7 @@ def main(argv: List[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     rows = run(devices, [getattr(torch, name) for name in args.dtype], args.only)
-    meta = dict(
-        date=date.today().isoformat(),
-        machine=f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        gpu=torch.cuda.get_device_name() if "cuda" in devices else None,
-        torch=torch.__version__,
-        build=zfkernels.build_info(),
-        command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-    )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, rows, "cuda" in devices, argv)
 
 
 if __name__ == "__main__":

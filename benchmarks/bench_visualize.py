@@ -1,0 +1,153 @@
+"""The main job end to end: ``zfk visualize`` (ZFNet, every conv layer, every feature map, top 9)
+over the 800 ImageNet sample photographs, and over the same set repeated 4 times (3,200 images)
+to show that memory does not grow with the dataset.
+
+Measured in the same run:
+  * the bare forward throughput: ``model.features`` on a batch of already decoded, normalised
+    images resident on the device (channels-last, as pass 1 runs it), timed with
+    ``torch.utils.benchmark`` (warm-up, synchronisation);
+  * each whole job in a fresh process (so its peak memory is its own): images/s of pass 1 and
+    pass 2, the time of each stage (from the job's ``run.json``), peak host and GPU memory.
+Target: pass 1 at >= 70% of the bare forward throughput. From the measured stage costs it
+estimates the time of ImageNet's 50,000 validation images.
+
+    python benchmarks/bench_visualize.py --device cpu --json bench-results/bench_visualize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.utils.benchmark as benchmark
+
+import zfkernels
+from zfkernels import data as data_mod
+from zfkernels import models
+from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
+
+SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
+IMAGENET_VAL = 50_000
+TARGET = 0.70
+
+
+def bare_forward(device: torch.device, batch_size: int, files: List[Path]) -> Dict[str, float]:
+    """Images/s of ``model.features`` alone on decoded images already on the device."""
+    crops = torch.stack([data_mod.load_crop(f) for f in files[:batch_size]])
+    if crops.shape[0] < batch_size:  # a folder smaller than a batch: repeat it
+        crops = crops.repeat((batch_size + crops.shape[0] - 1) // crops.shape[0], 1, 1, 1)[:batch_size]
+    x = data_mod.normalize(crops.to(device)).contiguous(memory_format=torch.channels_last)
+    model = models.zfnet(seed=0).eval().to(device).to(memory_format=torch.channels_last)
+    timer = benchmark.Timer("with torch.inference_mode(): model.features(x)", globals={"model": model, "x": x, "torch": torch},
+                            label="zfk visualize", sub_label=f"ZFNet features, batch {batch_size} [{device.type}]",
+                            description="bare forward", num_threads=torch.get_num_threads())
+    measured = timer.blocked_autorange(min_run_time=3.0)
+    benchmark.Compare([measured]).print()
+    return {"batch_ms": measured.median * 1e3, "images_per_second": batch_size / measured.median}
+
+
+def repeated_folder(source: Path, copies: int, root: Path) -> Path:
+    """``copies`` subfolders of symbolic links to ``source``'s files (the set repeated)."""
+    folder = root / f"x{copies}"
+    for c in range(copies):
+        sub = folder / f"copy{c}"
+        sub.mkdir(parents=True)
+        for f in sorted(source.iterdir()):
+            (sub / f.name).symlink_to(f.resolve())
+    return folder
+
+
+def whole_job(data: Path, out: Path, device: torch.device, batch_size: int, workers: Optional[int]) -> Dict[str, object]:
+    """``zfk visualize`` in a fresh process; its ``run.json`` plus the wall time."""
+    command = [sys.executable, "-m", "zfkernels", "visualize", "--data", str(data), "--out", str(out), "--device",
+               str(device), "--batch-size", str(batch_size), "--quiet"]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    summary = json.loads((out / "run.json").read_text())
+    return summary
+
+
+def estimate_imagenet(job: Dict[str, object]) -> Dict[str, float]:
+    """Seconds for ImageNet val (50,000 images, the same layers and K) from one job's stage costs:
+    pass 1 scales with the images; pass 2 projects as many selections (K per feature map) but
+    records more distinct images (at most one per selection); rendering is per feature map."""
+    seconds = job["seconds"]
+    pass1 = IMAGENET_VAL / job["pass1_images_per_second"]
+    selected = job["selected_images"]
+    per_image_pass2 = (seconds["pass 2"] - seconds.get("pass 2 projection", 0.0)) / max(selected, 1)
+    distinct_at_scale = min(job["projections"], IMAGENET_VAL)
+    pass2 = seconds.get("pass 2 projection", 0.0) + per_image_pass2 * distinct_at_scale
+    return {"pass 1": pass1, "pass 2": pass2, "render": seconds["render"], "total": pass1 + pass2 + seconds["render"]}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if zfkernels.has_cuda() else "cpu")
+    parser.add_argument("--images", type=Path, default=SHARED_IMAGES, help="the image folder (default: the 800 samples)")
+    parser.add_argument("--repeat", type=int, default=4, help="the second job runs the folder this many times over")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: the job's own)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the galleries under this folder")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/bench_visualize.json"))
+    args = parser.parse_args(argv)
+    if not args.images.is_dir():
+        sys.exit(f"bench_visualize: {args.images} is absent (the 800 ImageNet samples live in ../shared)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not zfkernels.has_cuda():
+        sys.exit("bench_visualize: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
+    files = sorted(p for p in args.images.iterdir() if p.is_file())
+    bare = bare_forward(device, args.batch_size, files)
+    print(f"bare forward: {bare['images_per_second']:.1f} images/s", flush=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="zfk-bench-"))
+    jobs = {}
+    try:
+        for copies in (1, args.repeat):
+            data = args.images if copies == 1 else repeated_folder(args.images, copies, scratch)
+            out = (args.keep or scratch) / f"gallery-{copies}x"
+            jobs[copies] = whole_job(data, out, device, args.batch_size, args.workers)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = []
+    for copies, job in jobs.items():
+        s = job["seconds"]
+        ratio = job["pass1_images_per_second"] / bare["images_per_second"]
+        row = {
+            "images": job["scanned"],
+            "pass1_images_per_second": job["pass1_images_per_second"],
+            "pass1_vs_bare_forward": ratio,
+            "pass2_images_per_second": job["selected_images"] / s["pass 2"],
+            "projections": job["projections"],
+            "seconds": s,
+            "peak_memory_mb": job["peak_memory_mb"],
+            "imagenet_val_estimate_s": estimate_imagenet(job),
+        }
+        rows.append(row)
+        mem = job["peak_memory_mb"]
+        gpu = f", GPU {mem['cuda_allocated']:.0f} MiB" if mem.get("cuda_allocated") is not None else ""
+        print(f"{job['scanned']} images: pass 1 {row['pass1_images_per_second']:.1f} img/s "
+              f"({100 * ratio:.0f}% of the bare forward; target {100 * TARGET:.0f}%), pass 2 "
+              f"{row['pass2_images_per_second']:.1f} img/s, total {s['total']:.1f} s; peak host RSS "
+              f"{mem['host_rss']:.0f} MiB{gpu}")
+        print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
+        est = row["imagenet_val_estimate_s"]
+        print(f"  ImageNet val (50,000 images) estimate: pass 1 {est['pass 1'] / 60:.1f} min, pass 2 "
+              f"{est['pass 2'] / 60:.1f} min, render {est['render'] / 60:.1f} min, total {est['total'] / 60:.1f} min")
+    write_results(args.json, rows, device.type == "cuda", argv, images=str(args.images), bare_forward=bare,
+                  target_pass1_vs_bare=TARGET)
+
+
+if __name__ == "__main__":
+    main()
