@@ -135,12 +135,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             "imagenet_val_estimate_s": estimate_imagenet(job),
         }
         rows.append(row)
-        mem = job["peak_memory_mb"]
-        gpu = f", GPU {mem['cuda_allocated']:.0f} MiB" if mem.get("cuda_allocated") is not None else ""
+        mem, first = job["peak_memory_mb"]["whole run"], job["peak_memory_mb"]["pass 1"]
+        gpu = (f", GPU {first['cuda_allocated']:.0f} MiB in pass 1, {mem['cuda_allocated']:.0f} MiB in pass 2"
+               if mem.get("cuda_allocated") is not None else "")
         print(f"{job['scanned']} images: pass 1 {row['pass1_images_per_second']:.1f} img/s "
               f"({100 * ratio:.0f}% of the bare forward; target {100 * TARGET:.0f}%), pass 2 "
               f"{row['pass2_images_per_second']:.1f} img/s, total {s['total']:.1f} s; peak host RSS "
-              f"{mem['host_rss']:.0f} MiB{gpu}")
+              f"{first['host_rss']:.0f} MiB after pass 1, {mem['host_rss']:.0f} MiB in all{gpu}")
         print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
         est = row["imagenet_val_estimate_s"]
         print(f"  ImageNet val (50,000 images) estimate: pass 1 {est['pass 1'] / 60:.1f} min, pass 2 "

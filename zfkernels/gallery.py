@@ -15,7 +15,9 @@ import html
 import io
 import json
 import math
+import os
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -208,9 +210,19 @@ def render_layer(
     labels: List[str] = []
     sections: List[str] = []
     rows, columns = grid_shape(top.values.shape[1])
+    # PNG encoding is most of the rendering time and Pillow's encoder releases the GIL: encode
+    # on every core (the bytes are the same whatever the thread).
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pending = []
+
+    def write_png(path: Path, array: np.ndarray) -> None:
+        atomic_write_bytes(path, png_bytes(array))
+        if progress is not None:
+            progress(1)
+
     for j, channel in enumerate(top.channels.tolist()):
         cell = compose_cell(tiles.projections[j], tiles.patches[j], tiles.filled[j])
-        atomic_write_bytes(out / cell_png(layer, channel), png_bytes(cell))
+        pending.append(pool.submit(write_png, out / cell_png(layer, channel), cell))
         cells.append(cell)
         labels.append(str(channel))
         items = []
@@ -230,10 +242,11 @@ def render_layer(
             f"<img src=\"{href(cell_png(layer, channel))}\" width=\"{w}\" height=\"{h}\" loading=\"lazy\" alt=\"{text(alt)}\">"
             f"<ol>{''.join(items)}</ol></section>"
         )
-        if progress is not None:
-            progress(1)
-    if cells:
-        atomic_write_bytes(out / montage_png(layer), png_bytes(montage(cells, labels)))
+    with pool:
+        if cells:
+            atomic_write_bytes(out / montage_png(layer), png_bytes(montage(cells, labels)))
+        for future in pending:
+            future.result()  # (re-raises a failed write)
     g = tiles.geometry
     nav = " ".join(
         f"<a href=\"{href(layer_page(name))}\">{text(name)}</a>" if name != layer else f"<strong>{text(name)}</strong>"

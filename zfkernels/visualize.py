@@ -91,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                         help="images per forward pass (default: 64). Part of the checkpoint: --resume needs the same")
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
-                        help="decoding processes (default: the CPU count, at most 8; 0 decodes in this process)")
+                        help="decoding processes (default: the CPU count, at most 8 on the CPU, where they share the cores with the "
+                             "forward, and 32 on CUDA, where decoding is what pass 1 waits for; 0 decodes in this process)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run from the checkpoint in --out (same arguments)")
@@ -239,7 +240,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     _share_failure(distributed, failure)
     if args.weights is None:
         say(untrained_warning(args.arch, args.seed), distributed.rank != 0)
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else min(32 if device.type == "cuda" else 8, os.cpu_count() or 1)
     dtype = next(model.parameters()).dtype
     plan = ScanPlan(images, data_mod.Slots(len(images.files), args.batch_size), layers, channels, args.top,
                     fingerprint(args, images, layers, channels, decoder, dtype))
@@ -278,6 +279,10 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         update.close()  # type: ignore[attr-defined]
     if distributed.rank != 0:
         return 0  # pass 2 and the gallery are rank 0's (they touch only K x maps images)
+
+    pass1_memory = _peak_memory(device)  # pass 1's peak: what must not grow with the dataset
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     # Pass 2.
     selected = {image for top in scan.layers.values() for row in range(top.values.shape[0]) for image, *_ in top.entries(row)}
@@ -320,7 +325,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         "processes": distributed.world,
         "seconds": {**stages, "total": time.perf_counter() - began},
         "pass1_images_per_second": scan.images_this_run / scan.seconds if scan.seconds else None,
-        "peak_memory_mb": _peak_memory(device),
+        "peak_memory_mb": {"pass 1": pass1_memory, "whole run": _peak_memory(device)},
     }
     atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
     gallery.render_index(out, scan.layers, projected.tiles, info, num_channels(model))
@@ -400,7 +405,8 @@ def _stage_times(scan, projected, render_seconds: float) -> Dict[str, float]:
 
 
 def _peak_memory(device: torch.device) -> Dict[str, Optional[float]]:
-    """Peak resident memory of this process and, on CUDA, peak memory allocated on the GPU (MiB)."""
+    """Peak resident memory of this process so far and, on CUDA, peak memory allocated on the
+    GPU since the last reset (MiB)."""
     import resource
 
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
