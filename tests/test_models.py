@@ -95,8 +95,17 @@ def test_weights_of_another_architecture_name_the_keys(tmp_path):
 def test_unsafe_pickles_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": models.zfnet(seed=0).state_dict(), "cls": nn.ReLU}, path)
-    with pytest.raises(ValueError, match=r"cannot load weights"):
+    with pytest.raises(ValueError, match=r"cannot load weights from .*evil.pth: it holds more than tensors, which weights_only=True refuses \(.*Unsupported global"):
         models.zfnet(weights=path)
+
+
+def test_folders_and_garbage_are_named_as_such(tmp_path):
+    with pytest.raises(ValueError, match=r"zfnet: weights .* is a folder, not a weights file"):
+        models.zfnet(weights=tmp_path)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"these are not weights")
+    with pytest.raises(ValueError, match=r"cannot load weights from .*garbage.pth: not a PyTorch weights file"):
+        models.zfnet(weights=garbage)
 
 
 def test_missing_files_and_torchvision_cache(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ file already in the local torch hub cache.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Union
 
@@ -130,6 +131,20 @@ def _state_dict_from(obj: object, source: str) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def _load_failure(path: Path, error: Exception) -> str:
+    """One line on why ``torch.load`` failed: not a PyTorch file at all, or a file holding
+    objects that ``weights_only=True`` refuses (torch's message runs over many lines)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        return "not a PyTorch weights file (torch.save writes a zip archive)"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(error).__name__)
+    if "weights_only" in str(error) or "Unsupported global" in str(error):
+        return f"it holds more than tensors, which weights_only=True refuses ({detail})"
+    return f"{type(error).__name__}: {detail}"
+
+
 def load_weights(model: nn.Module, weights: Union[str, Path], arch: str) -> nn.Module:
     """Load a state dict (or a checkpoint holding one under ``state_dict`` / ``model``) from a
     ``.pth``/``.pt`` file with ``torch.load(weights_only=True)``. Keys that are missing,
@@ -145,12 +160,14 @@ def load_weights(model: nn.Module, weights: Union[str, Path], arch: str) -> nn.M
             )
     else:
         path = Path(weights)
+        if path.is_dir():
+            raise ValueError(f"{arch}: weights {path} is a folder, not a weights file (.pth/.pt)")
         if not path.is_file():
             raise FileNotFoundError(f"{arch}: weights file {path} does not exist")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused or a corrupt file: say which file
-        raise ValueError(f"{arch}: cannot load weights from {path}: {error}") from error
+    except Exception as error:  # unpickling refused or a corrupt file: say which file, and why
+        raise ValueError(f"{arch}: cannot load weights from {path}: {_load_failure(path, error)}") from error
     state = _state_dict_from(loaded, f"{arch} weights {path}")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
