@@ -285,7 +285,7 @@ def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
     cpu_failed = sorted(f for b in cpu_batches for f in b.failures)
     gpu_failed, gpu_ok = [], {}
     for batch in gpu_batches:
-        indices, crops, failures = data_mod.decode_on_device(batch, images, device)
+        indices, crops, failures = data_mod.decode_on_device(batch, device)
         gpu_failed += batch.failures + failures
         assert crops.device.type == "cuda" and crops.dtype == torch.uint8
         assert indices.tolist() == sorted(indices.tolist())  # slot order

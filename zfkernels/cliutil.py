@@ -162,15 +162,6 @@ def prepare_out(out: Path, *, marker: str = ".zfk") -> Path:
     return out
 
 
-def inside(out: Path, relative: str) -> Path:
-    """``out / relative``, refusing anything that would land outside ``out``."""
-    base = Path(out).resolve()
-    target = (base / relative).resolve()
-    if target != base and base not in target.parents:
-        raise CliError(f"refusing to write {relative!r}: it lies outside --out")
-    return target
-
-
 # -- progress ----------------------------------------------------------------------------------
 
 

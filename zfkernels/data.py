@@ -396,7 +396,7 @@ def _tensor_resize_crop(image: torch.Tensor) -> torch.Tensor:
     return TF.center_crop(image, [CROP, CROP])
 
 
-def decode_on_device(batch: Batch, images: ImageList, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, str]]]:
+def decode_on_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, str]]]:
     """Finish a batch on ``device``: decode its JPEG bytes there (batched nvjpeg), and merge
     with the CPU-decoded crops in slot order. Returns ``(indices, uint8 images, failures)``;
     files nvjpeg refuses are decoded by Pillow instead, and failures of both are reported."""

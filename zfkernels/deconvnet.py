@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .receptive_field import Window, box_below, receptive_field
+from .receptive_field import Window, receptive_field
 
 MODES = ("deconvnet", "guided", "backprop")
 NORMALISATIONS = (nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from ._timing import StageClock
-from .deconvnet import Deconvnet
+from .deconvnet import Deconvnet, _Box
+from .deconvnet import _crop as crop_box
 from .receptive_field import box_below
 from .scan import LayerTop
 
@@ -111,18 +112,14 @@ def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int) -> int:
 def _crop(source: torch.Tensor, rows: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor,
           size: Tuple[int, int], fill: float) -> torch.Tensor:
     """``(B, C, h, w)`` windows of ``source[rows]`` at ``(y0, x0)``; positions off the image
-    get ``fill``."""
-    h, w = size
-    ys = y0[:, None] + torch.arange(h, device=source.device)
-    xs = x0[:, None] + torch.arange(w, device=source.device)
-    inside = ((ys >= 0) & (ys < source.shape[-2]))[:, :, None] & ((xs >= 0) & (xs < source.shape[-1]))[:, None, :]
-    picked = source[rows[:, None, None], :, ys.clamp(0, source.shape[-2] - 1)[:, :, None],
-                    xs.clamp(0, source.shape[-1] - 1)[:, None, :]]  # (B, h, w, C)
-    picked = picked.permute(0, 3, 1, 2)
-    return torch.where(inside[:, None], picked, torch.full((), fill, dtype=picked.dtype, device=picked.device))
+    get ``fill`` (the engine's per-selection box crop, which clamps, then the fill)."""
+    box = _Box(y0, x0, size[0], size[1], uniform=False)
+    picked = crop_box(source, rows, box)
+    return torch.where(box.inside(source.shape[-2:], torch.bool), picked,
+                       torch.full((), fill, dtype=picked.dtype, device=picked.device))
 
 
-def _display_projection(p: torch.Tensor) -> torch.Tensor:
+def display_projection(p: torch.Tensor) -> torch.Tensor:
     """Float projections ``(B, 3, h, w)`` -> [0, 1] with zero at 0.5, per selection."""
     scale = p.abs().flatten(1).amax(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
     return (0.5 + 0.5 * p / scale).clamp(0, 1)
@@ -183,7 +180,7 @@ def project_selections(
             clock.add("decode (worker CPU)", batch.decode_seconds)
             failures.extend(batch.failures)
             if batch.encoded:
-                indices, crops, more = data_mod.decode_on_device(batch, images, device)
+                indices, crops, more = data_mod.decode_on_device(batch, device)
                 failures.extend(more)
             else:
                 indices, crops = batch.indices.to(device), batch.images.to(device)
@@ -215,7 +212,7 @@ def _project_chunk(dn: Deconvnet, rec: object, layer: str, chunk: Sequence[Tuple
     y0 = positions[:, 0] * g.stride[0] + g.offset[0]
     x0 = positions[:, 1] * g.stride[1] + g.offset[1]
     every = torch.arange(len(chunk), device=device)
-    projection = _display_projection(_crop(projected.float(), every, y0, x0, g.size, 0.0))
+    projection = display_projection(_crop(projected.float(), every, y0, x0, g.size, 0.0))
     patch = _crop(pixels, rows, y0, x0, g.size, GREY / 255)
     projection_tiles = _to_tile(projection, out.tile).numpy()
     patch_tiles = _to_tile(patch, out.tile).numpy()

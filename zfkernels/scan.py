@@ -35,6 +35,7 @@ from . import data as data_mod
 from ._io import atomic_write
 from ._timing import StageClock
 from .deconvnet import parse_features
+from .models import channels_last
 
 # Image index of an unfilled slot: ranks after every image. Image indices stay below it (2^32 - 1
 # files at most), so an index fits the low half of a 64-bit ranking key.
@@ -188,7 +189,7 @@ class Scanner:
         # Select the requested maps only when that is not all of them (saves a gather).
         self._select = {
             name: None if torch.equal(channels[name].cpu(), torch.arange(n, dtype=torch.int64)) else channels[name].to(self.device)
-            for name, n in ((name, _num_channels(model, name)) for name in layers)
+            for name, n in ((name, num_channels(model)[name]) for name in layers)
         }
 
     def update(self, images: torch.Tensor, indices: torch.Tensor, clock: Optional[StageClock] = None) -> None:
@@ -222,10 +223,7 @@ class Scanner:
 
     def merge_states(self, states: Sequence[Dict[str, Dict[str, object]]]) -> None:
         """Merge other scanners' states (e.g. other processes') into this one."""
-        for state in states:
-            for name, layer_state in state.items():
-                other = LayerTop.from_state(layer_state, self.device)
-                self.layers[name].merge(other.values, other.images, other.positions)
+        self.layers = {name: top.to(self.device) for name, top in merge_states([self.state(), *states]).items()}
 
 
 def merge_states(states: Sequence[Dict[str, Dict[str, object]]]) -> Dict[str, LayerTop]:
@@ -236,13 +234,6 @@ def merge_states(states: Sequence[Dict[str, Dict[str, object]]]) -> Dict[str, La
             other = LayerTop.from_state(layer_state, torch.device("cpu"))
             merged[name].merge(other.values, other.images, other.positions)
     return merged
-
-
-def _num_channels(model: nn.Module, layer: str) -> int:
-    for stage in parse_features(model.features):
-        if stage.kind == "conv" and stage.name == layer:
-            return stage.module.out_channels
-    raise ValueError(f"unknown layer {layer!r}")
 
 
 def num_channels(model: nn.Module) -> Dict[str, int]:
@@ -444,8 +435,7 @@ def run_scan(
     if plan.slots.count >= EMPTY:
         raise ValueError(f"pass 1 ranks at most {EMPTY - 1} images, got {plan.slots.count}")
     clock = StageClock(device)
-    model.to(memory_format=torch.channels_last)
-    try:
+    with channels_last(model):
         scanner = Scanner(model, plan.layers, plan.channels, plan.top, device)
         done = set(resume.done) if resume else set()
         skipped_before = list(resume.skipped) if resume else []
@@ -491,7 +481,7 @@ def run_scan(
                     failures.extend(batch.failures)
                     with clock("to device"):
                         if batch.encoded:
-                            indices, crops, more = data_mod.decode_on_device(batch, plan.images, device)
+                            indices, crops, more = data_mod.decode_on_device(batch, device)
                             failures.extend(more)
                         else:
                             indices = batch.indices.to(device, non_blocking=True)
@@ -516,21 +506,9 @@ def run_scan(
         layers = {name: LayerTop.from_state(s, torch.device("cpu")) for name, s in final.topk.items()}
         return ScanResult(layers, final.skipped, final.scanned, clock.totals(), time.perf_counter() - began, sum(
             distributed.all_gather_objects(scanned)))
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 def result_from_state(state: ScanState) -> ScanResult:
     """A finished pass 1 read back from its checkpoint."""
     layers = {name: LayerTop.from_state(s, torch.device("cpu")) for name, s in state.topk.items()}
     return ScanResult(layers, sorted(state.skipped), state.scanned, {}, 0.0, 0)
-
-
-def brute_force(values: torch.Tensor, positions: torch.Tensor, images: Sequence[int], k: int) -> List[List[Tuple[int, float, int]]]:
-    """Reference selection for tests: ``values``/``positions`` ``(N, C)`` of images ``images``;
-    per channel, sort every image by (-value, image) in Python and keep ``k``."""
-    out = []
-    for c in range(values.shape[1]):
-        rows = sorted(range(values.shape[0]), key=lambda n: (-float(values[n, c]), images[n]))[:k]
-        out.append([(images[n], float(values[n, c]), int(positions[n, c])) for n in rows])
-    return out

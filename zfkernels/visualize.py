@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from .scan import (
     run_scan,
 )
 
+T = TypeVar("T")
 DEFAULT_OUT = "zfk-out"
 CHECKPOINT = "checkpoint.pt"
 DESCRIPTION = """\
@@ -230,14 +231,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     decoder = _pick_decoder(args.decoder, device)
     if args.checkpoint_every < 0:
         raise CliError(f"--checkpoint-every: must be at least 0 seconds, got {args.checkpoint_every}")
-    # Rank 0 alone touches --out; its errors stop every process (not only rank 0).
-    failure = None
-    if distributed.rank == 0:
-        try:
-            out = prepare_out(out)
-        except CliError as error:
-            failure = str(error)
-    _share_failure(distributed, failure)
+    out = _on_rank_0(distributed, lambda: prepare_out(out))
     if args.weights is None:
         say(untrained_warning(args.arch, args.seed), distributed.rank != 0)
     workers = args.workers if args.workers is not None else min(32 if device.type == "cuda" else 8, os.cpu_count() or 1)
@@ -245,15 +239,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     plan = ScanPlan(images, data_mod.Slots(len(images.files), args.batch_size), layers, channels, args.top,
                     fingerprint(args, images, layers, channels, decoder, dtype))
     checkpoint = out / CHECKPOINT
-    resume_state, failure = None, None
-    if distributed.rank == 0:
-        try:
-            resume_state = _load_resume(args.resume, checkpoint, plan.fingerprint, quiet)
-        except CliError as error:
-            failure = str(error)
-    _share_failure(distributed, failure)
-    if distributed.active:  # every process starts from rank 0's view of the checkpoint
-        resume_state = distributed.all_gather_objects(resume_state)[0]
+    resume_state = _on_rank_0(distributed, lambda: _load_resume(args.resume, checkpoint, plan.fingerprint, quiet))
     if distributed.rank == 0 and resume_state is None:
         _clear_previous(out)
 
@@ -339,13 +325,21 @@ class _StoppedElsewhere(CliError):
     silent = True
 
 
-def _share_failure(distributed: Distributed, failure: Optional[str]) -> None:
-    """Raise on every process when rank 0 failed (so the others do not wait for it forever);
-    only rank 0 prints the message."""
+def _on_rank_0(distributed: Distributed, action: Callable[[], T]) -> T:
+    """``action()`` on rank 0 alone (what touches --out); every process gets its result, and
+    its error stops every process (so the others do not wait for rank 0 forever; only rank 0
+    prints the message)."""
+    result, failure = None, None
+    if distributed.rank == 0:
+        try:
+            result = action()
+        except CliError as error:
+            failure = str(error)
     if distributed.active:
-        failure = distributed.all_gather_objects(failure)[0]
+        result, failure = distributed.all_gather_objects((result, failure))[0]
     if failure is not None:
         raise CliError(failure) if distributed.rank == 0 else _StoppedElsewhere(failure)
+    return result
 
 
 def _pick_decoder(choice: str, device: torch.device) -> str:
@@ -377,15 +371,10 @@ def _load_resume(resume: bool, checkpoint: Path, expected: Dict[str, object], qu
 def _clear_previous(out: Path) -> None:
     """A fresh run: remove the previous run's finished marks first, so a half-finished folder is
     never taken for a complete gallery (``index.html`` comes back last)."""
-    for name in ("index.html", "topk.json", "run.json", CHECKPOINT):
-        try:
-            (out / name).unlink()
-        except FileNotFoundError:
-            pass
-    # The previous run's pages and pictures (another set of layers would leave stale ones), and
-    # temporary files of writes that a kill interrupted.
-    stale = list(out.glob("layer-*.html")) + list(out.glob(".*.tmp"))
-    for path in stale:
+    # Also the previous run's pages and pictures (another set of layers would leave stale ones),
+    # and temporary files of writes that a kill interrupted.
+    finished = [out / name for name in ("index.html", "topk.json", "run.json", CHECKPOINT)]
+    for path in finished + list(out.glob("layer-*.html")) + list(out.glob(".*.tmp")):
         path.unlink(missing_ok=True)
     shutil.rmtree(out / "layers", ignore_errors=True)
 

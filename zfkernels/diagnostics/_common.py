@@ -14,11 +14,10 @@ import io
 import json
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +28,8 @@ from .. import gallery
 from .._io import atomic_write_bytes, atomic_write_text
 from ..cliutil import CliError, check_files_exist, progress_bar, say, untrained_warning
 from ..deconvnet import parse_features
+from ..models import channels_last  # noqa: F401  (the diagnostics run their batches in it)
+from .. import patches
 from ..patches import ProjectionResult, project_selections
 from ..scan import ScanPlan, ScanResult, run_scan
 
@@ -128,18 +129,6 @@ class FeatureExtractor:
             if "logits" in wanted:
                 out["logits"] = x
         return out
-
-
-@contextmanager
-def channels_last(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in channels-last layout inside the block (its convolutions are 1.4x faster
-    on this CPU, and faster on GPUs too), back to the default layout afterwards, as pass 1 does.
-    Feed it channels-last images (:meth:`FeatureExtractor.__call__` converts them)."""
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 def forward_batched(extractor: FeatureExtractor, images: torch.Tensor, layers: Sequence[str],
@@ -307,9 +296,8 @@ def tile_grid(tiles: np.ndarray, columns: int, gap: int = 2, background: int = 2
 
 def display_projection(projection: torch.Tensor) -> np.ndarray:
     """A ``(3, H, W)`` projection as an ``(H, W, 3)`` float image in [0, 1] with zero at mid-grey
-    and the largest magnitude at full scale (as the gallery's tiles)."""
-    scale = float(projection.abs().max().clamp_min(1e-30))
-    return (0.5 + 0.5 * projection.float() / scale).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    and the largest magnitude at full scale (the gallery's tiles, :func:`patches.display_projection`)."""
+    return patches.display_projection(projection.float()[None])[0].permute(1, 2, 0).cpu().numpy()
 
 
 def to_hwc(image: torch.Tensor) -> np.ndarray:
