@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -108,7 +108,8 @@ def conv_names(model: nn.Module) -> Dict[int, str]:
 
 
 def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers: Sequence[str],
-                     features: Optional[Sequence[int]], k: int, batch_size: int) -> Dict[str, List[dict]]:
+                     features: Optional[Sequence[int]], k: int, batch_size: int, device: str = "cpu",
+                     load: Optional[Callable[[Path, Sequence[str]], torch.Tensor]] = None) -> Dict[str, List[dict]]:
     """``topk.json``'s ``"layers"`` computed the plain way: torchvision's evaluation transform on
     ``Image.open(...).convert("RGB")``, a ``model.features`` forward with hooks on the ReLUs,
     numpy's max and first argmax of every map, then per map a Python sort of all images by
@@ -117,8 +118,9 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
     The forward runs channels-last over batches of ``batch_size`` consecutive files, which is
     the arithmetic pass 1 uses (channels-last and NCHW convolutions differ in the last bits at
     conv2 and above, so a strict comparison needs the same layout; what is under test is the
-    selection, not the convolution)."""
-    net = copy.deepcopy(model).float().eval().to(memory_format=torch.channels_last)
+    selection, not the convolution; on ``device`` for the same reason). ``load(root, files)``
+    gives a batch's normalised images when they come from another decoder than Pillow's."""
+    net = copy.deepcopy(model).float().eval().to(device, memory_format=torch.channels_last)
     names = conv_names(net)
     peaks: Dict[str, List[np.ndarray]] = {name: [] for name in layers}
     where: Dict[str, List[np.ndarray]] = {name: [] for name in layers}
@@ -140,9 +142,10 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
     try:
         with torch.no_grad():
             for start in range(0, len(files), batch_size):
-                batch = torch.stack([EVAL_TRANSFORM(Image.open(root / f).convert("RGB"))
-                                     for f in files[start:start + batch_size]])
-                net.features(batch.contiguous(memory_format=torch.channels_last))
+                members = files[start:start + batch_size]
+                batch = load(root, members) if load else torch.stack([EVAL_TRANSFORM(Image.open(root / f).convert("RGB"))
+                                                                      for f in members])
+                net.features(batch.to(device).contiguous(memory_format=torch.channels_last))
     finally:
         for handle in handles:
             handle.remove()
@@ -162,6 +165,22 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
             maps.append({"channel": c, "top": entries})
         out[name] = maps
     return out
+
+
+def torchvision_decoded(device: str) -> Callable[[Path, Sequence[str]], torch.Tensor]:
+    """A batch loader for :func:`brute_force_topk` that decodes the way torchvision documents
+    (for the GPU, nvjpeg): ``decode_jpeg`` of the files' bytes as one batch on ``device``, then
+    the evaluation transform on the tensors (``resize`` antialiased, ``center_crop``,
+    ``normalize``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    def load(root: Path, files: Sequence[str]) -> torch.Tensor:
+        decoded = decode_jpeg([read_file(str(root / f)) for f in files], mode=ImageReadMode.RGB, device=device)
+        crops = torch.stack([TF.center_crop(TF.resize(image, [256], antialias=True), [224, 224]) for image in decoded])
+        return TF.normalize(crops.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+    return load
 
 
 # -- running zfk ----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import zfkernels
 from zfkernels import data as data_mod
 
 from _images import EVAL_TRANSFORM
@@ -261,16 +260,9 @@ def test_only_whole_rgb_or_gray_jpegs_are_left_to_the_gpu_decoder():
     assert not data_mod._gpu_decodable(cmyk.getvalue()) and not data_mod._gpu_decodable(png.getvalue())
 
 
-CUDA = pytest.mark.skipif(not zfkernels.has_cuda(), reason="no CUDA GPU visible, or the CUDA kernels were not compiled")
-
-
-@pytest.mark.cuda
-@CUDA
-def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
-    device = torch.device("cuda")
-    if not data_mod.gpu_jpeg_available(device):
-        pytest.skip("torchvision cannot decode JPEGs on this GPU")
-    root = tmp_path / "data"
+def encoded_folder(root: Path) -> data_mod.ImageList:
+    """JPEGs for the batched decoder (RGB of several sizes, progressive, grayscale) and files it
+    must leave to Pillow (CMYK, PNG, broken ones)."""
     root.mkdir()
     for i in range(5):
         (root / f"rgb{i}.jpg").write_bytes(jpeg_bytes(i, (300 + 20 * i, 200)))
@@ -278,7 +270,20 @@ def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
     Image.fromarray(photo(7, (280, 210))[..., 0], "L").save(root / "gray.jpg")
     Image.fromarray(np.full((40, 60, 4), 60, np.uint8), "CMYK").save(root / "cmyk.jpg")
     write_broken_files(root)
-    images = data_mod.discover(root)
+    return data_mod.discover(root)
+
+
+def usable(device: torch.device) -> torch.device:
+    """``device``, skipping when it is a GPU torchvision cannot decode JPEGs on (the CPU decodes
+    the same batches with libjpeg: the code path the GPU takes, on this machine)."""
+    if device.type == "cuda" and not data_mod.gpu_jpeg_available(device):
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    return device
+
+
+def test_batched_jpeg_decoding_matches_pillow_and_falls_back(tmp_path, device):
+    device = usable(torch.device(device))
+    images = encoded_folder(tmp_path / "data")
     cpu_batches = load_all(images, 0, size=4)
     gpu_batches = load_all(images, 0, size=4, gpu_jpeg=True)
     assert any(b.encoded for b in gpu_batches)
@@ -287,7 +292,7 @@ def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
     for batch in gpu_batches:
         indices, crops, failures = data_mod.decode_on_device(batch, device)
         gpu_failed += batch.failures + failures
-        assert crops.device.type == "cuda" and crops.dtype == torch.uint8
+        assert crops.device.type == device.type and crops.dtype == torch.uint8
         assert indices.tolist() == sorted(indices.tolist())  # slot order
         gpu_ok.update({i: c.cpu() for i, c in zip(indices.tolist(), crops)})
     assert sorted(i for i, _ in gpu_failed) == sorted(i for i, _ in cpu_failed)  # truncated too
@@ -297,3 +302,35 @@ def test_gpu_jpeg_decoding_matches_pillow_and_falls_back(tmp_path):
         diff = (gpu_ok[i].int() - crop.int()).abs().float()
         # nvjpeg's IDCT and upsampling, and torchvision's tensor resize, differ from Pillow's.
         assert diff.mean() < 3.0 and diff.max() <= 64, images.files[i]
+
+
+def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pillow(tmp_path, device, monkeypatch):
+    """A file the batched decoder refuses (as nvjpeg does some JPEGs Pillow reads) fails the
+    whole batched call: each file is then tried alone, and the refused one goes to Pillow,
+    giving exactly the CPU path's crop, in slot order with the others."""
+    import torchvision.io
+
+    device = usable(torch.device(device))
+    images = encoded_folder(tmp_path / "data")
+    refused = (tmp_path / "data" / "progressive.jpg").read_bytes()
+    real_decode = torchvision.io.decode_jpeg
+    calls = []
+
+    def refusing_decode(data, *args, **kwargs):
+        batch = data if isinstance(data, list) else [data]
+        calls.append(len(batch))
+        if any(bytes(d.numpy().tobytes()) == refused for d in batch):
+            raise RuntimeError("refused")
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing_decode)
+    cpu = {i: c for b in load_all(images, 0, size=4) for i, c in zip(b.indices.tolist(), b.images)}
+    target = images.files.index("progressive.jpg")
+    seen = {}
+    for batch in load_all(images, 0, size=4, gpu_jpeg=True):
+        indices, crops, failures = data_mod.decode_on_device(batch, device)
+        assert indices.tolist() == sorted(indices.tolist()) and failures == []
+        seen.update({i: c.cpu() for i, c in zip(indices.tolist(), crops)})
+    assert torch.equal(seen[target], cpu[target])  # Pillow's crop, bit for bit
+    assert sorted(seen) == sorted(cpu)
+    assert any(n > 1 for n in calls) and calls.count(1) >= 2  # batched first, then one at a time

@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from pathlib import Path
@@ -17,7 +18,7 @@ from zfkernels import models
 from zfkernels.scan import EMPTY, LayerTop, ScanPlan, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
 
 from conftest import sliced
-from _visualize import REAL, brute_force_topk, photo_folder, real_folder
+from _visualize import REAL, brute_force_topk, photo_folder, real_folder, torchvision_decoded
 
 # -- the ranking ---------------------------------------------------------------------------------
 
@@ -41,17 +42,25 @@ def random_candidates(generator: torch.Generator, rows: int, count: int, images:
     return values, chosen, positions
 
 
+def on(device, *tensors: torch.Tensor) -> List[torch.Tensor]:
+    return [t.to(device) for t in tensors]
+
+
+def rows_on_cpu(*tensors: torch.Tensor) -> List[List[Tuple[float, int, int]]]:
+    return rows_of(*(t.cpu() for t in tensors))
+
+
 @pytest.mark.parametrize("k", [1, 3, 9, 40])
-def test_select_top_equals_a_python_sort(k):
+def test_select_top_equals_a_python_sort(k, device):
     g = torch.Generator().manual_seed(k)
     for _ in range(20):
         values, images, positions = random_candidates(g, 6, 25, 60)
-        got = select_top(values, images, positions, k)
+        got = select_top(*on(device, values, images, positions), k)
         want = [python_top(row, k) for row in rows_of(values, images, positions)]
-        assert rows_of(*got) == want
+        assert rows_on_cpu(*got) == want
 
 
-def test_select_top_orders_the_whole_float_range_like_a_python_sort():
+def test_select_top_orders_the_whole_float_range_like_a_python_sort(device):
     """Negative values, both zeros, subnormals, huge magnitudes and infinities: the ranking key
     keeps the float order exactly (and -0.0 ties with +0.0, as Python compares them)."""
     g = torch.Generator().manual_seed(5)
@@ -62,22 +71,22 @@ def test_select_top_orders_the_whole_float_range_like_a_python_sort():
         values = torch.where(picks, special[torch.randint(0, len(special), (4, 30), generator=g)], values)
         images = torch.stack([torch.randperm(1000, generator=g)[:30] for _ in range(4)])
         positions = torch.randint(0, 50, (4, 30), generator=g)
-        got = select_top(values, images, positions, 12)
+        got = select_top(*on(device, values, images, positions), 12)
         want = [python_top(row, 12) for row in rows_of(values, images, positions)]
-        assert [[(i, p) for _, i, p in row] for row in rows_of(*got)] == [[(i, p) for _, i, p in row] for row in want]
+        assert [[(i, p) for _, i, p in row] for row in rows_on_cpu(*got)] == [[(i, p) for _, i, p in row] for row in want]
 
 
-def test_layer_top_keeps_fewer_images_than_k_and_ranks_empty_slots_last():
-    top = LayerTop.empty(torch.tensor([3, 7]), 5, (4, 4), torch.device("cpu"))
+def test_layer_top_keeps_fewer_images_than_k_and_ranks_empty_slots_last(device):
+    top = LayerTop.empty(torch.tensor([3, 7]), 5, (4, 4), torch.device(device))
     # Two images; one map of image 4 was all NaN (spatial_max made it -inf): still a real entry.
-    top.merge(torch.tensor([[1.0, -math.inf], [0.5, 0.5]]), torch.tensor([[4, 2], [4, 2]]),
-              torch.tensor([[5, 6], [7, 8]]))
+    top.merge(*on(device, torch.tensor([[1.0, -math.inf], [0.5, 0.5]]), torch.tensor([[4, 2], [4, 2]]),
+                  torch.tensor([[5, 6], [7, 8]])))
     assert top.images.tolist() == [[4, 2, EMPTY, EMPTY, EMPTY], [2, 4, EMPTY, EMPTY, EMPTY]]
     assert top.entries(0) == [(4, 1.0, 1, 1), (2, -math.inf, 1, 2)]
     assert top.entries(1) == [(2, 0.5, 2, 0), (4, 0.5, 1, 3)]  # the tie goes to the earlier image
 
 
-def test_merge_is_invariant_to_the_split_and_order_of_batches():
+def test_merge_is_invariant_to_the_split_and_order_of_batches(device):
     """Any partition of the candidates into batches, merged in any order (as resuming and
     sharding do), gives the brute-force top-K."""
     g = torch.Generator().manual_seed(0)
@@ -92,20 +101,47 @@ def test_merge_is_invariant_to_the_split_and_order_of_batches():
         cuts = sorted(rng.sample(range(1, count), rng.randint(0, 10)))
         pieces = [list(range(a, b)) for a, b in zip([0] + cuts, cuts + [count])]
         rng.shuffle(pieces)
-        top = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device("cpu"))
+        top = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device(device))
         for piece in pieces:
             cols = torch.tensor(piece)
-            top.merge(values[:, cols], images[:, cols], positions[:, cols])
-        assert rows_of(top.values, top.images, top.positions) == want, f"trial {trial}: {pieces}"
+            top.merge(*on(device, values[:, cols], images[:, cols], positions[:, cols]))
+        assert rows_on_cpu(top.values, top.images, top.positions) == want, f"trial {trial}: {pieces}"
     # Two partial tops merged as states (what processes and checkpoints do) give the same.
     halves = []
     for cols in (torch.arange(0, count, 2), torch.arange(1, count, 2)):
-        part = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device("cpu"))
-        part.merge(values[:, cols], images[:, cols], positions[:, cols])
+        part = LayerTop.empty(torch.arange(rows), k, (40, 25), torch.device(device))
+        part.merge(*on(device, values[:, cols], images[:, cols], positions[:, cols]))
         halves.append({"layer": part.state()})
     for states in (halves, halves[::-1]):
         merged = merge_states(states)["layer"]
         assert rows_of(merged.values, merged.images, merged.positions) == want
+
+
+@pytest.mark.parametrize("k", [9, 32, 33, 100, 129, 300])
+def test_running_top_k_in_every_size_regime_of_the_sort(k, device):
+    """Pass 1's shapes: a running top-K that starts unfilled (-inf, EMPTY) merged with batches of
+    64 candidates whose values are mostly -inf, ReLU zeros or the largest float. k and k + 64
+    straddle the row lengths at which PyTorch's sort and top-k change algorithm (32, 128 items),
+    where a backend's padding sentinels could meet real -inf values or the EMPTY marker: after
+    every batch the result equals a Python sort of the images seen so far."""
+    g = torch.Generator().manual_seed(k)
+    rows, total, batch = 12, 2 * k + 70, 64
+    levels = torch.tensor([-math.inf, -math.inf, 0.0, 0.0, 0.25, 1.0, 3.4e38])
+    values = levels[torch.randint(0, len(levels), (rows, total), generator=g)]
+    values = torch.where(torch.rand(rows, total, generator=g) < 0.2, torch.randn(rows, total, generator=g), values)
+    positions = torch.randint(0, 169, (rows, total), generator=g)
+    top = LayerTop.empty(torch.arange(rows), k, (13, 13), torch.device(device))
+    for start in range(0, total, batch):
+        cols = torch.arange(start, min(start + batch, total))
+        indices = cols.to(device)
+        # As Scanner.update passes them: the batch's image indices expanded over the maps.
+        top.merge(values[:, cols].to(device), indices.view(1, -1).expand(rows, -1), positions[:, cols].to(device))
+        seen = int(cols[-1]) + 1
+        want = [python_top(row, k) for row in rows_of(values[:, :seen], torch.arange(seen).expand(rows, -1),
+                                                        positions[:, :seen])]
+        got = rows_on_cpu(top.values, top.images, top.positions)
+        assert [row[:len(w)] for row, w in zip(got, want)] == want, f"after {seen} images"
+        assert all(entry == (-math.inf, EMPTY, 0) for row, w in zip(got, want) for entry in row[len(w):])
 
 
 # -- the spatial max -------------------------------------------------------------------------------
@@ -189,43 +225,59 @@ def photos_with_twins(shared_images, tmp_path) -> Path:
     return root
 
 
-def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twins, zfnet):
+def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twins, zfnet, device):
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]
     counts = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256}
     channels = {name: torch.arange(counts[name]) for name in layers}
     plan = scan_plan(photos_with_twins, layers, channels, top=4, batch_size=5)
-    result = run_scan(zfnet, plan, torch.device("cpu"))
+    result = run_scan(copy.deepcopy(zfnet).to(device), plan, torch.device(device))
     files = plan.images.files
-    want = brute_force_topk(zfnet, photos_with_twins, files, layers, None, 4, 5)
+    want = brute_force_topk(zfnet, photos_with_twins, files, layers, None, 4, 5, device)
     assert as_document(result.layers, files, zfnet) == want
     assert result.scanned == len(files) == 12 and result.skipped == []
 
 
-def test_resumed_and_sharded_scans_equal_the_uninterrupted_one(tmp_path, zfnet):
+def test_run_scan_of_batch_decoded_jpegs_equals_a_brute_force_scan(shared_images, tmp_path, zfnet, device):
+    """Pass 1 with the files' bytes decoded as batches on the device (nvjpeg on a GPU; libjpeg
+    through the same code on the CPU) equals a brute force over torchvision's documented
+    decode-then-transform of the same batches."""
+    if device == "cuda" and not data_mod.gpu_jpeg_available(torch.device("cuda")):
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    root = real_folder(shared_images, tmp_path / "data", REAL[:9])  # JPEGs, one grayscale
+    layers = ["conv1", "conv4"]
+    channels = {"conv1": torch.arange(96), "conv4": torch.arange(0, 384, 7)}
+    plan = scan_plan(root, layers, channels, top=3, batch_size=4)
+    result = run_scan(copy.deepcopy(zfnet).to(device), plan, torch.device(device), gpu_jpeg=True)
+    files = plan.images.files
+    want = brute_force_topk(zfnet, root, files, layers, None, 3, 4, device, load=torchvision_decoded(device))
+    want["conv4"] = [want["conv4"][c] for c in channels["conv4"].tolist()]
+    assert as_document(result.layers, files, zfnet) == want
+    assert result.scanned == 9 and result.skipped == []
+
+
+def test_resumed_and_sharded_scans_equal_the_uninterrupted_one(tmp_path, zfnet, device):
     """Slots scanned in pieces (a resume from a checkpoint state, two 'processes' merged) give
     the same top-K as one uninterrupted scan, on generated pictures with a subset of maps."""
     root = photo_folder(tmp_path / "data", 11)
     layers = ["conv1", "conv2"]
     channels = {"conv1": torch.tensor([0, 5, 17, 95]), "conv2": torch.tensor([1, 2, 200])}
     plan = scan_plan(root, layers, channels, top=3, batch_size=3)  # 4 slots, the last of 2
-    whole = run_scan(zfnet, plan, torch.device("cpu"))
+    model = copy.deepcopy(zfnet).to(device)
+    whole = run_scan(model, plan, torch.device(device))
 
     def partial(slots) -> Scanner:
-        scanner = Scanner(zfnet, layers, channels, 3, torch.device("cpu"))
-        net = zfnet.to(memory_format=torch.channels_last)
-        try:
-            for slot in slots:
-                idx = plan.slots.indices(slot)
-                crops = torch.stack([data_mod.load_crop(plan.images.path(i)) for i in idx])
-                with torch.inference_mode():
-                    scanner.update(data_mod.normalize(crops).contiguous(memory_format=torch.channels_last),
-                                   torch.tensor(idx))
-        finally:
-            net.to(memory_format=torch.contiguous_format)
+        net = copy.deepcopy(model).to(memory_format=torch.channels_last)  # as run_scan runs it
+        scanner = Scanner(net, layers, channels, 3, torch.device(device))
+        for slot in slots:
+            idx = plan.slots.indices(slot)
+            crops = torch.stack([data_mod.load_crop(plan.images.path(i)) for i in idx]).to(device)
+            with torch.inference_mode():
+                scanner.update(data_mod.normalize(crops).contiguous(memory_format=torch.channels_last),
+                               torch.tensor(idx, device=device))
         return scanner
 
     first = partial([3, 1])
-    resumed = run_scan(zfnet, plan, torch.device("cpu"),
+    resumed = run_scan(model, plan, torch.device(device),
                        resume=ScanState(plan.fingerprint, [1, 3], first.state(), [], 5, False))
     assert as_document(resumed.layers, plan.images.files, zfnet) == as_document(whole.layers, plan.images.files, zfnet)
     assert resumed.scanned == whole.scanned == 11

@@ -23,14 +23,15 @@ from zfkernels import models
 from zfkernels.scan import CHECKPOINT_VERSION, ScanState
 
 from _visualize import (REAL, REPO, brute_force_topk, photo, photo_folder, read_topk, real_folder, run_zfk,
-                        subprocess_env, torch_threads, write_broken_files, write_photo, zfk, zfk_command)
+                        subprocess_env, torch_threads, torchvision_decoded, write_broken_files, write_photo, zfk,
+                        zfk_command)
 
 BIN = Path(sys.executable).parent
 SAMPLES = sorted(p.name for p in (Path(zfkernels.__file__).parent / "sample_images").glob("*.jpg"))
 
 
-def visualize(data, out, *extra) -> list:
-    return ["visualize", "--data", data, "--out", out, "--device", "cpu", "--workers", "0", "--quiet", *extra]
+def visualize(data, out, *extra, device: str = "cpu") -> list:
+    return ["visualize", "--data", data, "--out", out, "--device", device, "--workers", "0", "--quiet", *extra]
 
 
 # -- the result against a brute-force scan --------------------------------------------------------
@@ -51,15 +52,15 @@ def folder(request, tmp_path) -> Path:
     return root
 
 
-def test_topk_json_equals_a_brute_force_scan(folder, tmp_path, capsys):
+def test_topk_json_equals_a_brute_force_scan(folder, tmp_path, capsys, device):
     out = tmp_path / "out"
     features = [0, 1, 2, 3, 90]
     status, _, err = zfk(visualize(folder, out, "--layers", "conv3,conv1", "--features", "0-3,90", "--top", "5",
-                                   "--batch-size", "4"), capsys)
+                                   "--batch-size", "4", "--decoder", "pillow", device=device), capsys)
     assert status == 0, err
     document = read_topk(out)
     files = sorted(p.name for p in folder.iterdir())
-    want = brute_force_topk(models.zfnet(seed=0).eval(), folder, files, ["conv1", "conv3"], features, 5, 4)
+    want = brute_force_topk(models.zfnet(seed=0).eval(), folder, files, ["conv1", "conv3"], features, 5, 4, device)
     assert document["layers"] == want
 
     # The schema of issue #4, in network order, best first.
@@ -84,6 +85,26 @@ def test_topk_json_equals_a_brute_force_scan(folder, tmp_path, capsys):
     page = (out / "layer-conv1.html").read_text("utf-8")
     for e in document["layers"]["conv1"][0]["top"]:
         assert f"{e['value']:.4g}</span> <span class=\"f\" title=\"{e['image']}\">" in page
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not zfkernels.has_cuda(), reason="needs a CUDA GPU")
+def test_nvjpeg_run_equals_a_brute_force_scan_of_gpu_decoded_images(shared_images, tmp_path, capsys):
+    from zfkernels import data as data_mod
+
+    if not data_mod.gpu_jpeg_available(torch.device("cuda")):
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    root = real_folder(shared_images, tmp_path / "data")  # JPEGs only (one grayscale): all decoded on the GPU
+    out = tmp_path / "out"
+    status, _, err = zfk(visualize(root, out, "--layers", "conv2,conv5", "--features", "0-7", "--top", "4",
+                                   "--batch-size", "4", "--decoder", "nvjpeg", device="cuda"), capsys)
+    assert status == 0, err
+    document = read_topk(out)
+    assert document["preprocess"]["decoder"] == "nvjpeg"
+    files = sorted(p.name for p in root.iterdir())
+    want = brute_force_topk(models.zfnet(seed=0).eval(), root, files, ["conv2", "conv5"], list(range(8)), 4, 4,
+                            "cuda", load=torchvision_decoded("cuda"))
+    assert document["layers"] == want
 
 
 def test_sample_photographs_without_data(tmp_path, capsys):
