@@ -39,8 +39,17 @@ for stage in "${stages[@]}"; do
       tail -12 "$OUT/bench_deconvnet_cuda.log"
       ;;
     visualize)
-      $PY benchmarks/bench_visualize.py --device cuda --images "$IMAGES" --repeat "${ZFK_REPEAT:-16}" \
-        --json "$OUT/bench_visualize_cuda.json" 2>&1 | grep -v "^\$" | tee "$OUT/bench_visualize_cuda.log" | tail -14
+      # A short run with synchronous launches first: a device-side assert then names the kernel
+      # that raised it instead of surfacing at a later synchronisation.
+      smoke=$(mktemp -d)
+      CUDA_LAUNCH_BLOCKING=1 timeout 300 $PY -m zfkernels visualize --data "$IMAGES" --limit 256 --device cuda \
+        --out "$smoke/out" > "$OUT/visualize-smoke.log" 2>&1
+      echo "smoke run (256 images, CUDA_LAUNCH_BLOCKING=1): exit $?"; tail -12 "$OUT/visualize-smoke.log"
+      cp "$smoke/out/topk.json" "$smoke/out/run.json" "$OUT/" 2>/dev/null; rm -rf "$smoke"
+      # Logs go straight to files (a pipe would lose the buffered tail if the call is cut off).
+      timeout 480 $PY benchmarks/bench_visualize.py --device cuda --images "$IMAGES" --repeat "${ZFK_REPEAT:-16}" \
+        --json "$OUT/bench_visualize_cuda.json" > "$OUT/bench_visualize_cuda.log" 2>&1
+      echo "bench_visualize: exit $?"; grep -v "^\$" "$OUT/bench_visualize_cuda.log" | tail -14
       ;;
     occlusion)
       $PY benchmarks/bench_occlusion.py --device cuda --json "$OUT/bench_occlusion_cuda.json" 2>&1 | tee "$OUT/bench_occlusion_cuda.log" | tail -8
