@@ -303,6 +303,33 @@ def test_run_scan_writes_a_complete_checkpoint_with_the_skipped_files(tmp_path, 
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_signal_during_the_final_checkpoint_write_stops_after_it(tmp_path, zfnet, monkeypatch):
+    """Ctrl-C while pass 1 writes its last checkpoint is not lost: the write completes, then the
+    scan stops as for a signal between batches, and the checkpoint it leaves is whole."""
+    import os
+    import signal
+
+    from zfkernels.scan import ScanInterrupted
+
+    root = photo_folder(tmp_path / "data", 4)
+    plan = scan_plan(root, ["conv1"], {"conv1": torch.tensor([0, 1])}, top=2, batch_size=2)
+    checkpoint = tmp_path / "ck.pt"
+    save = ScanState.save
+
+    def save_then_signal(self, path):
+        save(self, path)
+        if self.complete:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag
+
+    monkeypatch.setattr(ScanState, "save", save_then_signal)
+    with pytest.raises(ScanInterrupted) as stopped:
+        run_scan(zfnet, plan, torch.device("cpu"), checkpoint=checkpoint, checkpoint_every=3600)
+    assert stopped.value.signum == signal.SIGINT
+    state = ScanState.load(checkpoint)
+    assert state.complete and state.done == [0, 1] and state.scanned == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_checkpoint_round_trip(tmp_path):
     top = LayerTop.empty(torch.tensor([2, 9]), 3, (13, 13), torch.device("cpu"))
     top.merge(torch.tensor([[3.0, 1.0], [0.25, -math.inf]]), torch.tensor([[0, 7], [0, 7]]),

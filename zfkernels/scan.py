@@ -501,6 +501,9 @@ def run_scan(
                     last_checkpoint = time.monotonic()
             steps_done = step + 1 if steps else 0
             final = merged(steps_done, complete=steps_done == steps)
+            # A signal during the last step or the final write stops the run too, after that
+            # write (--resume then goes on from a whole checkpoint); all processes agree on it.
+            stopped = distributed.any([stopped or bool(stop)])[0]
         if stopped:
             raise ScanInterrupted(stop.get("signum", signal.SIGTERM))
         layers = {name: LayerTop.from_state(s, torch.device("cpu")) for name, s in final.topk.items()}
