@@ -57,11 +57,16 @@ def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device)
     plan = ScanPlan(images, data_mod.Slots(len(images.files), 4), layers, channels, 3, {})
     net = copy.deepcopy(model).to(device)
     scan = run_scan(net, plan, torch.device(device))
-    result = project_selections(net, scan.layers, images, torch.device(device), batch_size=4)
+    result = project_selections(net, scan.layers, images, torch.device(device), batch_size=64)
 
     pictures = [Image.open(images.path(i)).convert("RGB") for i in range(len(images.files))]
     pixels = [np.asarray(RESIZE_CROP(p)) for p in pictures]  # (224, 224, 3) uint8: what the network saw
-    normalised = torch.stack([EVAL_TRANSFORM(p) for p in pictures]).to(device)
+    # The switches the oracle routes through come from one recording of the selected images, the
+    # batch pass 2 records (on a GPU another batch could break a near-tie in a pooling window
+    # differently).
+    selected = sorted({e[0] for top in scan.layers.values() for j in range(len(top.channels)) for e in top.entries(j)})
+    row_of = {image: n for n, image in enumerate(selected)}
+    normalised = torch.stack([EVAL_TRANSFORM(pictures[i]) for i in selected]).to(device)
     dn = Deconvnet(net)
     rec = dn.record(normalised)
     checked = drawn = 0
@@ -70,7 +75,7 @@ def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device)
         for j, channel in enumerate(top.channels.tolist()):
             entries = top.entries(j)
             assert len(entries) == 3 and tiles.filled[j].all()
-            rows = torch.tensor([e[0] for e in entries])
+            rows = torch.tensor([row_of[e[0]] for e in entries])
             positions = torch.tensor([[e[2], e[3]] for e in entries])
             projected = oracle(dn, rec, normalised, layer, rows, torch.full((3,), channel), positions).cpu()
             for r, (image, _, y, x) in enumerate(entries):

@@ -247,6 +247,36 @@ def test_a_signal_stops_with_a_checkpoint_and_a_message(resumable, tmp_path, cap
     resume_and_compare(data, out, reference, capsys)
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_pass_2_leaves_no_gallery_and_resume_goes_straight_to_pass_2(resumable, tmp_path, capsys):
+    data, reference = resumable
+    out = tmp_path / "out"
+    process = subprocess.Popen(zfk_command(*visualize(data, out, *RESUMABLE)), env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while True:  # until pass 1's final checkpoint (complete) exists: pass 2 is starting
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            _, err = process.communicate()
+            pytest.fail(f"pass 2 was not caught under way (exit {process.returncode}): {err[-2000:]}")
+        try:
+            if ScanState.load(out / "checkpoint.pt").complete:
+                break
+        except ValueError:  # not written yet
+            pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "zfk visualize: interrupted"
+    assert not (out / "index.html").exists()  # nothing presented as a finished gallery
+    written = (out / "checkpoint.pt").stat().st_mtime_ns
+    status, _, err = zfk(visualize(data, out, *RESUMABLE, "--resume"), capsys)
+    assert status == 0, err
+    assert read_topk(out) == reference and (out / "index.html").exists()
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == written  # pass 1 was not run again
+
+
 def test_resume_with_other_settings_or_a_bad_checkpoint_is_refused(tmp_path, capsys):
     data, out = photo_folder(tmp_path / "data", 5), tmp_path / "out"
     args = visualize(data, out, "--layers", "conv1", "--features", "0-2", "--top", "2", "--batch-size", "2")
