@@ -501,8 +501,8 @@ def run_scan(
                     last_checkpoint = time.monotonic()
             steps_done = step + 1 if steps else 0
             final = merged(steps_done, complete=steps_done == steps)
-            # A signal during the last step or the final write stops the run too, after that
-            # write (--resume then goes on from a whole checkpoint); all processes agree on it.
+            # A signal that came after the last step's check (during the final write) stops the
+            # run too, once that write is whole (--resume goes on from it); all processes agree.
             stopped = distributed.any([stopped or bool(stop)])[0]
         if stopped:
             raise ScanInterrupted(stop.get("signum", signal.SIGTERM))
