@@ -49,22 +49,44 @@ CHECKPOINT_VERSION = 2  # 2: EMPTY is 2^32 - 1 (version 1 used 2^63 - 1)
 def rank_key(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """int64 keys, one per entry, whose *descending* order is (value descending, image index
     ascending): the float32 value's bits mapped to a signed integer of the same order in the
-    high 32 bits, ``EMPTY - image`` in the low 32. Distinct images give distinct keys, so
-    selecting by key needs no stable sort (CUDA's segmented stable sort is not what we want to
-    depend on for exactness). NaN values must have been mapped to -inf by the caller."""
+    high 32 bits, ``EMPTY - image`` in the low 32. Distinct images give distinct keys; only
+    unfilled slots (all alike) share one. NaN values must have been mapped to -inf by the
+    caller."""
     v = values.float() + 0.0  # -0.0 -> +0.0: values that compare equal must get equal keys
     bits = v.view(torch.int32).to(torch.int64)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: reverse the magnitude order
     return ordered * (1 << 32) + (EMPTY - images)
 
 
+# Comparisons per chunk of rows in select_top (rows x M x M booleans): bounds its memory.
+RANK_BUDGET = 1 << 24
+
+
 def select_top(
     values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``k`` columns of each row under (value descending, image ascending), best
-    first. Entries that tie on both are identical (unfilled slots), so the result is exact."""
-    k = min(k, values.shape[1])
-    order = torch.topk(rank_key(values, images), k, dim=1, largest=True, sorted=True).indices
+    first.
+
+    Each entry's rank is counted: how many entries of its row have a larger key, plus the equal
+    ones to its left (only unfilled slots are equal, and they are identical, so the result is
+    exact). The ranks are a permutation of the columns, inverted by a scatter. No sort or top-k
+    kernel is involved: the CPU and the GPU run the same comparisons, so the CPU tests check
+    what the GPU computes (CUDA's sorts pad short rows with sentinel keys; a stable argsort of
+    rows holding -inf gave out-of-range indices on an H100)."""
+    key = rank_key(values, images)
+    c, m = key.shape
+    k = min(k, m)
+    column = torch.arange(m, device=key.device)
+    left_of = column.view(1, m) < column.view(m, 1)  # [i, j]: column j is left of column i
+    rows = max(1, RANK_BUDGET // (m * m))
+    ranks = []
+    for start in range(0, c, rows):
+        mine = key[start:start + rows].unsqueeze(2)  # entry i
+        other = key[start:start + rows].unsqueeze(1)  # entry j
+        ranks.append(((other > mine) | ((other == mine) & left_of)).sum(dim=2))
+    rank = torch.cat(ranks) if ranks else torch.zeros((0, m), dtype=torch.int64, device=key.device)
+    order = torch.empty_like(rank).scatter_(1, rank, column.expand(c, m))[:, :k]
     return values.gather(1, order), images.gather(1, order), positions.gather(1, order)
 
 
