@@ -262,10 +262,12 @@ def test_only_whole_rgb_or_gray_jpegs_are_left_to_the_gpu_decoder():
 
 def encoded_folder(root: Path) -> data_mod.ImageList:
     """JPEGs for the batched decoder (RGB of several sizes, progressive, grayscale) and files it
-    must leave to Pillow (CMYK, PNG, broken ones)."""
+    must leave to Pillow (CMYK, PNG, broken ones); a PNG sorts between two JPEGs, so a batch
+    interleaves the two decoders' images."""
     root.mkdir()
     for i in range(5):
         (root / f"rgb{i}.jpg").write_bytes(jpeg_bytes(i, (300 + 20 * i, 200)))
+    write_photo(root / "rgb1b.png", 21, size=(230, 250))
     (root / "progressive.jpg").write_bytes(jpeg_bytes(9, (260, 300), progressive=True))
     Image.fromarray(photo(7, (280, 210))[..., 0], "L").save(root / "gray.jpg")
     Image.fromarray(np.full((40, 60, 4), 60, np.uint8), "CMYK").save(root / "cmyk.jpg")

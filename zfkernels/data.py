@@ -432,8 +432,10 @@ def decode_on_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, 
         except Exception as error:
             failures.append((index, describe_error(error)))
     if extra:
-        all_ids = torch.cat([indices, torch.tensor(extra_ids, dtype=torch.int64, device=device)])
-        all_images = torch.cat([crops, torch.stack(extra)])
-        order = torch.argsort(all_ids)  # slot order, as the CPU path gives
-        indices, crops = all_ids[order], all_images[order]
+        # Slot order, as the CPU path gives; worked out on the host, where the indices are
+        # known, rather than by a device sort.
+        ids = batch.indices.tolist() + extra_ids
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        indices = torch.tensor([ids[i] for i in order], dtype=torch.int64, device=device)
+        crops = torch.cat([crops, torch.stack(extra)]).index_select(0, torch.tensor(order, device=device))
     return indices, crops, failures
