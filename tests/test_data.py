@@ -336,3 +336,17 @@ def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pillow(tmp_path, devic
     assert torch.equal(seen[target], cpu[target])  # Pillow's crop, bit for bit
     assert sorted(seen) == sorted(cpu)
     assert any(n > 1 for n in calls) and calls.count(1) >= 2  # batched first, then one at a time
+
+
+def test_decoding_workers_run_at_a_lower_priority():
+    """A worker ignores SIGINT/SIGTERM (the main process checkpoints and stops it) and decodes
+    at a lower priority than the forward (a child process, so this one keeps its own)."""
+    import subprocess
+    import sys
+
+    probe = ("import os, signal; from zfkernels import data; before = os.nice(0); data._worker_init(0); "
+             "print(os.nice(0) - before, signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "
+             "signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    before = os.nice(0)
+    assert out == [str(min(data_mod.WORKER_NICENESS, 19 - before)), "True", "True"]

@@ -336,11 +336,22 @@ def _gpu_decodable(data: bytes) -> bool:
         return False  # let the CPU path produce the error message
 
 
+WORKER_NICENESS = 10  # decoding workers yield the cores to the main process's forward
+
+
 def _worker_init(_: int) -> None:
     # Ctrl-C and SIGTERM are the main process's business: it checkpoints and shuts the workers
     # down; a worker dying on its own first would only turn that into a loader error.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Where decoding and the forward share the cores (a CPU run, or more workers than cores), a
+    # preempted forward thread stalls its siblings at every barrier; decoding at a lower priority
+    # fills the gaps instead (2-4% more pass-1 throughput on 2 cores, measured). The prefetched
+    # batches keep the main process fed.
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
 
 
 def make_loader(
