@@ -72,8 +72,8 @@ def select_top(
     ones to its left (only unfilled slots are equal, and they are identical, so the result is
     exact). The ranks are a permutation of the columns, inverted by a scatter. No sort or top-k
     kernel is involved: the CPU and the GPU run the same comparisons, so the CPU tests check
-    what the GPU computes (CUDA's sorts pad short rows with sentinel keys; a stable argsort of
-    rows holding -inf gave out-of-range indices on an H100)."""
+    what the GPU computes (a stable CUDA argsort of rows holding -inf returned out-of-range
+    indices on an H100 with torch 2.11)."""
     key = rank_key(values, images)
     c, m = key.shape
     k = min(k, m)
