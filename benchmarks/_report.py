@@ -1,5 +1,6 @@
-"""The one way every benchmark writes its results: ``{"meta": {...}, "rows": [...]}`` as JSON,
-with the machine, date, torch, build and the command that made them."""
+"""What the benchmarks share: where the sample photographs are, and the one way every benchmark
+writes its results (``{"meta": {...}, "rows": [...]}`` as JSON, with the machine, date, torch,
+build and the command that made them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from typing import List, Optional, Sequence
 import torch
 
 import zfkernels
+
+# The 800 ImageNet sample photographs beside the repository (ZFK_SAMPLE_IMAGES points elsewhere,
+# e.g. a copy on a GPU machine).
+SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 
 
 def write_results(path: Path, rows: Sequence[dict], cuda: bool, argv: Optional[List[str]], **extra: object) -> None:

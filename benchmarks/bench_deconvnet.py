@@ -9,7 +9,6 @@ layer (576 projections from 16 images), for each of conv1 ... conv5, through
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -21,9 +20,8 @@ import torch.utils.benchmark as benchmark
 import zfkernels
 from zfkernels import models, reference
 from zfkernels.deconvnet import Deconvnet, Recording
-from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
+from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
-SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 IMAGES, MAPS, TOP = 16, 64, 9
 
 

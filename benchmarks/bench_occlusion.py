@@ -16,7 +16,6 @@ $ZFK_SAMPLE_IMAGES).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -28,9 +27,8 @@ from zfkernels import data as data_mod
 from zfkernels import models
 from zfkernels.diagnostics import _common
 from zfkernels.diagnostics.occlusion import grid_boxes, occlusion_grid, occlusion_maps, strongest_map
-from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
+from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
-SAMPLES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 IMAGE = "n01440764_tench.JPEG"
 TARGET = 0  # tench
 
@@ -55,7 +53,7 @@ def loop_maps(model: torch.nn.Module, image: torch.Tensor, layer: str, channel: 
 
 def run(device: torch.device, arch: str, size: int, stride: int, batch_sizes: List[int], min_run_time: float) -> List[Dict[str, object]]:
     model = models.build(arch, seed=0).eval().to(device)
-    image = data_mod.normalize(data_mod.load_crop(SAMPLES / IMAGE).unsqueeze(0))[0].to(device)
+    image = data_mod.normalize(data_mod.load_crop(SHARED_IMAGES / IMAGE).unsqueeze(0))[0].to(device)
     layer = _common.paper_layers(model).layer5
     channel = strongest_map(model, image, layer).channel
     rows, cols = occlusion_grid(224, 224, size, stride)
@@ -107,8 +105,8 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (default: 1)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench_occlusion.json"))
     args = parser.parse_args(argv)
-    if not (SAMPLES / IMAGE).is_file():
-        sys.exit(f"bench_occlusion: {SAMPLES / IMAGE} is missing (set ZFK_SAMPLE_IMAGES to the sample folder)")
+    if not (SHARED_IMAGES / IMAGE).is_file():
+        sys.exit(f"bench_occlusion: {SHARED_IMAGES / IMAGE} is missing (set ZFK_SAMPLE_IMAGES to the sample folder)")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench_occlusion: --device cuda, but no GPU is visible")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,9 +31,8 @@ import torch.utils.benchmark as benchmark
 import zfkernels
 from zfkernels import data as data_mod
 from zfkernels import models
-from _report import write_results  # (benchmarks/ is on sys.path when run as a script)
+from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
-SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
 IMAGENET_VAL = 50_000
 TARGET = 0.70
 

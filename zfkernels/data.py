@@ -184,14 +184,26 @@ def decode(source: object) -> Image.Image:
             return to_rgb(image)
 
 
+def resized_size(width: int, height: int) -> Tuple[int, int]:
+    """``(width, height)`` after ``Resize(256)``: the short side 256, the other scaled and
+    truncated, as torchvision computes it."""
+    return (RESIZE, int(RESIZE * height / width)) if width <= height else (int(RESIZE * width / height), RESIZE)
+
+
+def crop_origin(height: int, width: int, crop: int = CROP) -> Tuple[int, int]:
+    """``(top, left)`` of the centre ``crop`` of a ``height`` x ``width`` image, rounded as
+    torchvision's ``CenterCrop`` rounds it."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
 def resize_crop(image: Image.Image) -> Image.Image:
     """Resize the short side to 256 and take the centre 224x224, as torchvision's evaluation
     transform (small images are scaled up the same way)."""
     w, h = image.size
     if max(w, h) > EXTREME_ASPECT * min(w, h):
         # Straight into the crop: the source box that Resize(256) + CenterCrop(224) would sample.
-        ow, oh = (RESIZE, int(RESIZE * h / w)) if w <= h else (int(RESIZE * w / h), RESIZE)
-        left, top = int(round((ow - CROP) / 2.0)), int(round((oh - CROP) / 2.0))
+        ow, oh = resized_size(w, h)
+        top, left = crop_origin(oh, ow)
         sx, sy = w / ow, h / oh
         box = (left * sx, top * sy, (left + CROP) * sx, (top + CROP) * sy)
         return image.resize((CROP, CROP), Image.BILINEAR, box=box)
@@ -203,23 +215,27 @@ def to_chw_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def load_crop(path: Path) -> torch.Tensor:
-    """Decode ``path`` and return its (3, 224, 224) uint8 evaluation crop."""
-    return to_chw_uint8(resize_crop(decode(path)))
+def load_crop(source: object) -> torch.Tensor:
+    """Decode ``source`` (a path or a file object) and return its (3, 224, 224) uint8 evaluation
+    crop."""
+    return to_chw_uint8(resize_crop(decode(source)))
+
+
+def _mean_std(dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as ``(1, 3, 1, 1)`` tensors."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised floats, as ``ToTensor`` then ``Normalize`` compute it."""
     x = images.to(dtype).div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(dtype, x.device)
     return x.sub_(mean).div_(std)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Normalised (N, 3, H, W) floats back to uint8 pixels (what the network saw)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.dtype, images.device)
     return (images * std + mean).mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -310,7 +326,7 @@ class BatchDataset(torch.utils.data.Dataset):
                     if _gpu_decodable(data):
                         encoded.append((index, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
                         continue
-                    crops.append(to_chw_uint8(resize_crop(decode(io.BytesIO(data)))))
+                    crops.append(load_crop(io.BytesIO(data)))
                 else:
                     crops.append(load_crop(path))
                 indices.append(index)
@@ -435,7 +451,7 @@ def decode_on_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, 
     for index, data, image in zip(ids, datas, decoded):
         try:
             if image is None:  # the CPU fallback
-                image = to_chw_uint8(resize_crop(decode(io.BytesIO(data.cpu().numpy().tobytes())))).to(device)
+                image = load_crop(io.BytesIO(data.cpu().numpy().tobytes())).to(device)
             else:
                 image = _tensor_resize_crop(image)
             extra_ids.append(index)

@@ -135,6 +135,12 @@ def _to_tile(x: torch.Tensor, tile: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def selected_images(layers: Dict[str, LayerTop]) -> List[int]:
+    """The distinct images pass 1 selected (what pass 2 reads), in file order."""
+    return sorted({image for top in layers.values() for j in range(top.channels.numel())
+                   for image, *_ in top.entries(j)})
+
+
 def project_selections(
     model: nn.Module,
     layers: Dict[str, LayerTop],
@@ -167,7 +173,7 @@ def project_selections(
             for r, (image, _, y, x) in enumerate(top.entries(j)):
                 per_image.setdefault(image, []).append((j, r, int(top.channels[j]), y, x))
         wanted[name] = per_image
-    distinct = sorted({image for per_image in wanted.values() for image in per_image})
+    distinct = selected_images(layers)
     size = record_batch_size(model, dn, batch_size)
     batches = [(b, distinct[b * size:(b + 1) * size]) for b in range((len(distinct) + size - 1) // size)]
     loader = data_mod.make_loader(images, batches, workers, pin_memory=device.type == "cuda", gpu_jpeg=gpu_jpeg)

@@ -209,9 +209,11 @@ class Scanner:
             name: LayerTop.empty(channels[name], top, sizes[name], self.device) for name in layers
         }
         # Select the requested maps only when that is not all of them (saves a gather).
+        counts = num_channels(model)
         self._select = {
-            name: None if torch.equal(channels[name].cpu(), torch.arange(n, dtype=torch.int64)) else channels[name].to(self.device)
-            for name, n in ((name, num_channels(model)[name]) for name in layers)
+            name: None if torch.equal(channels[name].cpu(), torch.arange(counts[name], dtype=torch.int64))
+            else channels[name].to(self.device)
+            for name in layers
         }
 
     def update(self, images: torch.Tensor, indices: torch.Tensor, clock: Optional[StageClock] = None) -> None:

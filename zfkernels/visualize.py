@@ -41,7 +41,7 @@ from .cliutil import (
     non_negative_int,
 )
 from .deconvnet import MODES, Deconvnet
-from .patches import project_selections
+from .patches import project_selections, selected_images
 from .scan import (
     Distributed,
     ScanInterrupted,
@@ -271,8 +271,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         torch.cuda.reset_peak_memory_stats(device)
 
     # Pass 2.
-    selected = {image for top in scan.layers.values() for row in range(top.values.shape[0]) for image, *_ in top.entries(row)}
-    update = progress_bar(len(selected), "pass 2 (project)", "img", quiet)
+    update = progress_bar(len(selected_images(scan.layers)), "pass 2 (project)", "img", quiet)
     projected = project_selections(model, scan.layers, images, device, batch_size=args.batch_size, workers=workers,
                                    gpu_jpeg=decoder == "nvjpeg", mode=args.mode, progress=update)
     update.close()  # type: ignore[attr-defined]

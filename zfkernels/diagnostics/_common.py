@@ -283,12 +283,16 @@ def top_projections(model: nn.Module, images: data_mod.ImageList, channels: Dict
     return scan, projected
 
 
-def tile_grid(tiles: np.ndarray, columns: int, gap: int = 2, background: int = 255) -> np.ndarray:
-    """``(K, h, w, 3)`` uint8 tiles -> one ``(rows*h + gaps, columns*w + gaps, 3)`` image, row by row."""
+def tile_grid(tiles: np.ndarray, columns: int, gap: int = 2, background: int = 255,
+              filled: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(K, h, w, 3)`` uint8 tiles -> one ``(rows*h + gaps, columns*w + gaps, 3)`` image, row by
+    row; tiles not ``filled`` ``(K,)`` (nothing was found for them) stay background."""
     k, h, w = tiles.shape[:3]
     rows = max(1, math.ceil(k / columns))
     sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), background, dtype=np.uint8)
     for n in range(k):
+        if filled is not None and not filled[n]:
+            continue
         y, x = (n // columns) * (h + gap), (n % columns) * (w + gap)
         sheet[y:y + h, x:x + w] = tiles[n]
     return sheet

@@ -131,8 +131,6 @@ def correspondence(
     fill = torch.zeros(3) if fill is None else fill
     extractor = _common.FeatureExtractor(model)
     extractor.check(layers)
-    with _common.channels_last(model):
-        base = _common.forward_batched(extractor, images, layers, batch_size)
     generator = torch.Generator().manual_seed(seed)
     if trials > 0:
         stacked = torch.stack([boxes for boxes in parts.values()])  # (P, N, 4)
@@ -143,6 +141,7 @@ def correspondence(
         trial_boxes = torch.zeros((0, n, 4), dtype=torch.int64)
     groups = [boxes.to(torch.int64) for boxes in parts.values()] + list(trial_boxes)
     with _common.channels_last(model):
+        base = _common.forward_batched(extractor, images, layers, batch_size)
         signs = _occluded_signs(extractor, images, base, groups, layers, fill, batch_size)
     names = list(parts)
     table = {name: {layer: sign_change(signs[layer][g]) for layer in layers} for g, name in enumerate(names)}
@@ -169,14 +168,13 @@ def _occluded_signs(extractor: _common.FeatureExtractor, images: torch.Tensor, b
            for layer in layers}
     for start in range(0, len(copies), batch_size):
         chunk = copies[start:start + batch_size]
+        group = torch.tensor([g for g, _ in chunk], device=images.device)
         index = torch.tensor([i for _, i in chunk], device=images.device)
         boxes = torch.stack([groups[g][i] for g, i in chunk]).to(images.device)
         features = extractor(_common.occlude(images[index], boxes, fill), layers)
         for layer in layers:
             eps = (base[layer][index] - features[layer]).flatten(1)
-            signs = torch.sign(eps).to(torch.int8)
-            for k, (g, i) in enumerate(chunk):
-                out[layer][g, i] = signs[k]
+            out[layer][group, index] = torch.sign(eps).to(torch.int8)  # (distinct (g, i) pairs)
     return out
 
 
@@ -189,11 +187,8 @@ def crop_box(box: Sequence[float], size: Tuple[int, int]) -> Tuple[int, int, int
     rounded outwards and clipped to the crop. Raises ``ValueError`` when nothing of it is in
     the crop."""
     w, h = size
-    if w <= h:
-        ow, oh = data_mod.RESIZE, int(data_mod.RESIZE * h / w)
-    else:
-        ow, oh = int(data_mod.RESIZE * w / h), data_mod.RESIZE
-    left, top = int(round((ow - data_mod.CROP) / 2.0)), int(round((oh - data_mod.CROP) / 2.0))
+    ow, oh = data_mod.resized_size(w, h)
+    top, left = data_mod.crop_origin(oh, ow)
     sx, sy = ow / w, oh / h
     x0 = max(0, math.floor(box[0] * sx) - left)
     y0 = max(0, math.floor(box[1] * sy) - top)

@@ -100,9 +100,7 @@ def layer2_sheet(projections: np.ndarray, filled: np.ndarray, columns: int) -> n
     per_map = math.ceil(math.sqrt(k))
     cells = []
     for j in range(f):
-        tiles = projections[j].copy()
-        tiles[~filled[j]] = 255
-        cells.append(_common.tile_grid(tiles, per_map, gap=1))
+        cells.append(_common.tile_grid(projections[j], per_map, gap=1, filled=filled[j]))
     return _common.tile_grid(np.stack(cells), columns, gap=6)
 
 
@@ -157,13 +155,13 @@ def run(args: argparse.Namespace) -> int:
         models.append(model)
     out = prepare_out(out_path)
     folder = _common.subfolder(out, "filters")
-    grids = [(spec.label, filter_grid(first_conv(m).weight.cpu()), first_conv(m)) for spec, m in zip(specs, models)]
+    convs = [first_conv(m) for m in models]
+    grids = [(spec.label, filter_grid(conv.weight.cpu()), conv) for spec, conv in zip(specs, convs)]
     render_filters(folder / "layer1.png", grids)
     document: Dict[str, object] = {"command": "filters", "normalisation": "per filter: (w - min) / (max - min) over its 3*k*k weights",
                                    "models": []}
     sections = [_common.figure_html("layer1.png", "layer-1 filters")]
-    for spec, model in zip(specs, models):
-        conv = first_conv(model)
+    for spec, conv in zip(specs, convs):
         flat = conv.weight.detach().flatten(1)
         entry: Dict[str, object] = {
             "arch": spec.arch, "weights": spec.weights, "seed": None if spec.weights else args.seed,

@@ -60,7 +60,7 @@ def resized(path: Path) -> torch.Tensor:
 
 def window_origin(height: int, width: int, crop: int = data_mod.CROP) -> tuple:
     """``(top, left)`` of the centre crop, as torchvision's ``CenterCrop`` rounds it."""
-    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+    return data_mod.crop_origin(height, width, crop)
 
 
 def transform_images(image: torch.Tensor, transform: str, values: Sequence[float], crop: int = data_mod.CROP) -> torch.Tensor:
@@ -147,25 +147,25 @@ def invariance_curves(
     raw = {layer: [] for layer in layers}
     norms = {layer: [] for layer in layers}
     probability = []
-    for image, target in zip(images, targets):
-        # The untransformed image rides in the same batches as its copies (row 0).
-        copies = transform_images(image, transform, [IDENTITY[transform]] + list(values))
-        with _common.channels_last(model):
+    with _common.channels_last(model):  # once for every image: it rewrites each conv weight
+        for image, target in zip(images, targets):
+            # The untransformed image rides in the same batches as its copies (row 0).
+            copies = transform_images(image, transform, [IDENTITY[transform]] + list(values))
             every = _common.forward_batched(extractor, copies, taps, batch_size)
-        features = {name: value[1:] for name, value in every.items()}
-        for layer in layers:
-            f0 = every[layer][:1].flatten(1).double()
-            d = (features[layer].flatten(1).double() - f0).norm(dim=1)
-            n = f0.norm()
-            raw[layer].append(d)
-            norms[layer].append(n)
-            distance[layer].append(d / n if n > 0 else torch.full_like(d, math.nan))
-        logits = features["logits"].float()
-        if not 0 <= target < logits.shape[1]:
-            raise ValueError(f"invariance_curves: target class {target} is outside the model's {logits.shape[1]} classes")
-        probability.append(torch.softmax(logits, dim=1)[:, target])
-        if progress is not None:
-            progress(len(values))
+            features = {name: value[1:] for name, value in every.items()}
+            for layer in layers:
+                f0 = every[layer][:1].flatten(1).double()
+                d = (features[layer].flatten(1).double() - f0).norm(dim=1)
+                n = f0.norm()
+                raw[layer].append(d)
+                norms[layer].append(n)
+                distance[layer].append(d / n if n > 0 else torch.full_like(d, math.nan))
+            logits = features["logits"].float()
+            if not 0 <= target < logits.shape[1]:
+                raise ValueError(f"invariance_curves: target class {target} is outside the model's {logits.shape[1]} classes")
+            probability.append(torch.softmax(logits, dim=1)[:, target])
+            if progress is not None:
+                progress(len(values))
     return InvarianceCurves(transform, [float(v) for v in values], list(layers),
                             {k: torch.stack(v).cpu() for k, v in distance.items()},
                             {k: torch.stack(v).cpu() for k, v in raw.items()},
