@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+RESIZE_CROP = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])  # what the network saw, as pixels
 EVAL_TRANSFORM = transforms.Compose(
     [
         transforms.Resize(256),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -23,7 +24,7 @@ from PIL import Image
 from zfkernels import cli
 from zfkernels.deconvnet import Deconvnet
 
-from _images import EVAL_TRANSFORM
+from _images import load as load_pillow
 
 REPO = Path(__file__).resolve().parents[1]
 # Real photographs used by several tests; the Airedale is grayscale.
@@ -142,9 +143,7 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
     try:
         with torch.no_grad():
             for start in range(0, len(files), batch_size):
-                members = files[start:start + batch_size]
-                batch = load(root, members) if load else torch.stack([EVAL_TRANSFORM(Image.open(root / f).convert("RGB"))
-                                                                      for f in members])
+                batch = (load or load_pillow)(root, files[start:start + batch_size])
                 net.features(batch.to(device).contiguous(memory_format=torch.channels_last))
     finally:
         for handle in handles:
@@ -165,6 +164,17 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
             maps.append({"channel": c, "top": entries})
         out[name] = maps
     return out
+
+
+def jpeg_decoding_device(device: str) -> torch.device:
+    """``device`` for the batched JPEG decoding path, skipping on a GPU torchvision cannot
+    decode JPEGs on (the CPU decodes the same batches with libjpeg: the GPU's code path)."""
+    from zfkernels import data as data_mod
+
+    device = torch.device(device)
+    if device.type == "cuda" and not data_mod.gpu_jpeg_available(device):
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    return device
 
 
 def torchvision_decoded(device: str) -> Callable[[Path, Sequence[str]], torch.Tensor]:

@@ -98,7 +98,7 @@ def layout(request: pytest.FixtureRequest) -> Callable[[torch.Tensor], torch.Ten
     return LAYOUTS[request.param]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_images() -> Path:
     """The 800 ImageNet sample photographs beside the repository (skipped when absent)."""
     if not SHARED_IMAGES.is_dir():

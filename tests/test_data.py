@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from zfkernels import data as data_mod
 
-from _images import EVAL_TRANSFORM
-from _visualize import GRAYSCALE, REAL, jpeg_bytes, photo, write_broken_files, write_photo
+from _images import EVAL_TRANSFORM, RESIZE_CROP, load
+from _visualize import GRAYSCALE, REAL, jpeg_bytes, jpeg_decoding_device, photo, write_broken_files, write_photo
 
-RESIZE_CROP = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
 
 # -- discovery ---------------------------------------------------------------------------------
 
@@ -192,7 +190,7 @@ def test_uint8_crops_then_normalize_equal_torchvision_bitwise(shared_images):
     assert Image.open(shared_images / GRAYSCALE).mode == "L"
     crops = torch.stack([data_mod.load_crop(shared_images / n) for n in names])
     ours = data_mod.normalize(crops)
-    want = torch.stack([EVAL_TRANSFORM(Image.open(shared_images / n).convert("RGB")) for n in names])
+    want = load(shared_images, names)
     assert ours.dtype == want.dtype == torch.float32
     assert torch.equal(ours, want)  # bitwise: the same roundings in the same order
     # What the network saw, back to pixels.
@@ -275,16 +273,8 @@ def encoded_folder(root: Path) -> data_mod.ImageList:
     return data_mod.discover(root)
 
 
-def usable(device: torch.device) -> torch.device:
-    """``device``, skipping when it is a GPU torchvision cannot decode JPEGs on (the CPU decodes
-    the same batches with libjpeg: the code path the GPU takes, on this machine)."""
-    if device.type == "cuda" and not data_mod.gpu_jpeg_available(device):
-        pytest.skip("torchvision cannot decode JPEGs on this GPU")
-    return device
-
-
 def test_batched_jpeg_decoding_matches_pillow_and_falls_back(tmp_path, device):
-    device = usable(torch.device(device))
+    device = jpeg_decoding_device(device)
     images = encoded_folder(tmp_path / "data")
     cpu_batches = load_all(images, 0, size=4)
     gpu_batches = load_all(images, 0, size=4, gpu_jpeg=True)
@@ -312,7 +302,7 @@ def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pillow(tmp_path, devic
     giving exactly the CPU path's crop, in slot order with the others."""
     import torchvision.io
 
-    device = usable(torch.device(device))
+    device = jpeg_decoding_device(device)
     images = encoded_folder(tmp_path / "data")
     refused = (tmp_path / "data" / "progressive.jpg").read_bytes()
     real_decode = torchvision.io.decode_jpeg

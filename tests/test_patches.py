@@ -11,7 +11,6 @@ import copy
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from zfkernels import data as data_mod
 from zfkernels import models
@@ -19,7 +18,7 @@ from zfkernels.deconvnet import Deconvnet
 from zfkernels.patches import project_selections
 from zfkernels.scan import ScanPlan, run_scan
 
-from _images import EVAL_TRANSFORM
+from _images import EVAL_TRANSFORM, RESIZE_CROP
 from _oracle import oracle
 from _visualize import photo_folder
 
@@ -29,7 +28,6 @@ from _visualize import photo_folder
 FIELDS = {"conv1": (7, 2, -1), "conv3": (75, 16, -17)}
 ENLARGE = {"conv1": 7, "conv3": 1}  # tiles are at least 48 pixels: 7 * 7 = 49
 GREY = 128
-RESIZE_CROP = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
 
 
 def window(image: np.ndarray, y: int, x: int, layer: str, fill: float) -> np.ndarray:

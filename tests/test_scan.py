@@ -18,7 +18,7 @@ from zfkernels import models
 from zfkernels.scan import EMPTY, LayerTop, ScanPlan, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
 
 from conftest import sliced
-from _visualize import REAL, brute_force_topk, photo_folder, real_folder, torchvision_decoded
+from _visualize import REAL, brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, torchvision_decoded
 
 # -- the ranking ---------------------------------------------------------------------------------
 
@@ -254,8 +254,7 @@ def test_run_scan_of_batch_decoded_jpegs_equals_a_brute_force_scan(shared_images
     """Pass 1 with the files' bytes decoded as batches on the device (nvjpeg on a GPU; libjpeg
     through the same code on the CPU) equals a brute force over torchvision's documented
     decode-then-transform of the same batches."""
-    if device == "cuda" and not data_mod.gpu_jpeg_available(torch.device("cuda")):
-        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    jpeg_decoding_device(device)
     root = real_folder(shared_images, tmp_path / "data", REAL[:9])  # JPEGs, one grayscale
     layers = ["conv1", "conv4"]
     channels = {"conv1": torch.arange(96), "conv4": torch.arange(0, 384, 7)}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,9 +23,10 @@ import zfkernels
 from zfkernels import models
 from zfkernels.scan import CHECKPOINT_VERSION, ScanState
 
-from _visualize import (REAL, REPO, brute_force_topk, photo, photo_folder, read_topk, real_folder, run_zfk,
-                        subprocess_env, torch_threads, torchvision_decoded, write_broken_files, write_photo, zfk,
-                        zfk_command)
+from conftest import CUDA_REASON
+from _visualize import (REAL, REPO, brute_force_topk, jpeg_decoding_device, photo, photo_folder, read_topk, real_folder,
+                        run_zfk, subprocess_env, torch_threads, torchvision_decoded, write_broken_files, write_photo,
+                        zfk, zfk_command)
 
 BIN = Path(sys.executable).parent
 SAMPLES = sorted(p.name for p in (Path(zfkernels.__file__).parent / "sample_images").glob("*.jpg"))
@@ -40,11 +42,7 @@ def visualize(data, out, *extra, device: str = "cpu") -> list:
 @pytest.fixture(params=["real", "generated"])
 def folder(request, tmp_path) -> Path:
     if request.param == "real":
-        from conftest import SHARED_IMAGES
-
-        if not SHARED_IMAGES.is_dir():
-            pytest.skip(f"real images not available: {SHARED_IMAGES} is absent (it lives in ../shared beside the repo)")
-        root = real_folder(SHARED_IMAGES, tmp_path / "data")
+        root = real_folder(request.getfixturevalue("shared_images"), tmp_path / "data")
         shutil.copyfile(root / REAL[3], root / "zz_copy_of_tiger_shark.JPEG")  # exact ties: the earlier file wins
     else:
         root = photo_folder(tmp_path / "data", 12)
@@ -88,12 +86,9 @@ def test_topk_json_equals_a_brute_force_scan(folder, tmp_path, capsys, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not zfkernels.has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not zfkernels.has_cuda(), reason=CUDA_REASON)
 def test_nvjpeg_run_equals_a_brute_force_scan_of_gpu_decoded_images(shared_images, tmp_path, capsys):
-    from zfkernels import data as data_mod
-
-    if not data_mod.gpu_jpeg_available(torch.device("cuda")):
-        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    jpeg_decoding_device("cuda")
     root = real_folder(shared_images, tmp_path / "data")  # JPEGs only (one grayscale): all decoded on the GPU
     out = tmp_path / "out"
     status, _, err = zfk(visualize(root, out, "--layers", "conv2,conv5", "--features", "0-7", "--top", "4",
@@ -184,17 +179,27 @@ def resumable(tmp_path_factory):
     return data, read_topk(reference)
 
 
-def start_and_wait_for_checkpoint(data: Path, out: Path) -> subprocess.Popen:
-    """``zfk visualize`` in a subprocess, returned once its first checkpoint exists (pass 1 is
-    under way, with most of its 40 slots still ahead)."""
+def complete_checkpoint(out: Path) -> bool:
+    """Whether pass 1's final (complete) checkpoint exists: pass 2 is starting."""
+    try:
+        return ScanState.load(out / "checkpoint.pt").complete
+    except ValueError:  # not written yet
+        return False
+
+
+def start_and_wait_for_checkpoint(data: Path, out: Path,
+                                  ready: Callable[[Path], bool] = lambda out: (out / "checkpoint.pt").exists(),
+                                  what: str = "no checkpoint appeared") -> subprocess.Popen:
+    """``zfk visualize`` in a subprocess, returned once ``ready(out)`` (by default: its first
+    checkpoint exists, so pass 1 is under way with most of its 40 slots still ahead)."""
     process = subprocess.Popen(zfk_command(*visualize(data, out, *RESUMABLE)), env=subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists():
+    while not ready(out):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             _, err = process.communicate()
-            pytest.fail(f"no checkpoint appeared (exit {process.returncode}): {err[-2000:]}")
+            pytest.fail(f"{what} (exit {process.returncode}): {err[-2000:]}")
         time.sleep(0.005)
     return process
 
@@ -251,20 +256,7 @@ def test_a_signal_stops_with_a_checkpoint_and_a_message(resumable, tmp_path, cap
 def test_ctrl_c_in_pass_2_leaves_no_gallery_and_resume_goes_straight_to_pass_2(resumable, tmp_path, capsys):
     data, reference = resumable
     out = tmp_path / "out"
-    process = subprocess.Popen(zfk_command(*visualize(data, out, *RESUMABLE)), env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 120
-    while True:  # until pass 1's final checkpoint (complete) exists: pass 2 is starting
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            _, err = process.communicate()
-            pytest.fail(f"pass 2 was not caught under way (exit {process.returncode}): {err[-2000:]}")
-        try:
-            if ScanState.load(out / "checkpoint.pt").complete:
-                break
-        except ValueError:  # not written yet
-            pass
-        time.sleep(0.005)
+    process = start_and_wait_for_checkpoint(data, out, complete_checkpoint, "pass 2 was not caught under way")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
