@@ -188,7 +188,8 @@ def torchvision_decoded(device: str) -> Callable[[Path, Sequence[str]], torch.Te
     def load(root: Path, files: Sequence[str]) -> torch.Tensor:
         decoded = decode_jpeg([read_file(str(root / f)) for f in files], mode=ImageReadMode.RGB, device=device)
         crops = torch.stack([TF.center_crop(TF.resize(image, [256], antialias=True), [224, 224]) for image in decoded])
-        return TF.normalize(crops.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        # ToTensor's arithmetic, on the CPU as torchvision's transform does it
+        return TF.normalize(crops.cpu().float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
     return load
 

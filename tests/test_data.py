@@ -197,11 +197,15 @@ def test_uint8_crops_then_normalize_equal_torchvision_bitwise(shared_images):
     assert torch.equal(data_mod.denormalize(ours), crops)
 
 
-def test_normalize_on_generated_pictures_equals_torchvision_bitwise(tmp_path):
+def test_normalize_on_generated_pictures_equals_torchvision_bitwise(tmp_path, device):
+    """On every device: pass 1 normalises on the device the network runs on."""
     paths = [write_photo(tmp_path / f"{i}.png", i, size=(90 + 7 * i, 60)) for i in range(4)]
     crops = torch.stack([data_mod.load_crop(p) for p in paths])
     want = torch.stack([EVAL_TRANSFORM(Image.open(p).convert("RGB")) for p in paths])
-    assert torch.equal(data_mod.normalize(crops), want)
+    ours = data_mod.normalize(crops.to(device))
+    assert ours.device.type == device
+    assert torch.equal(ours.cpu(), want)
+    assert torch.equal(data_mod.denormalize(ours).cpu(), crops)
 
 
 # -- the loader ----------------------------------------------------------------------------------

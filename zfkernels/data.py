@@ -228,7 +228,9 @@ def _mean_std(dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, t
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised floats, as ``ToTensor`` then ``Normalize`` compute it."""
-    x = images.to(dtype).div_(255)
+    # 255 as a tensor on the images' device: CUDA divides by a Python number as a multiplication
+    # by its reciprocal, one rounding off torchvision's CPU division for some pixel values.
+    x = images.to(dtype).div_(torch.full((), 255, dtype=dtype, device=images.device))
     mean, std = _mean_std(dtype, x.device)
     return x.sub_(mean).div_(std)
 
