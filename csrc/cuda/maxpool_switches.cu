@@ -26,8 +26,8 @@ __global__ void maxpool_switches_kernel(const scalar_t* __restrict__ x, Strides4
 std::tuple<at::Tensor, at::Tensor> maxpool_switches_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                                          bool ceil_mode) {
+  MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, ceil_mode);  // checks first
   const c10::cuda::CUDAGuard guard(x.device());
-  MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, ceil_mode);
   const int64_t total = plan.out.numel();
   if (total == 0) return {plan.out, plan.switches};
   const auto stream = at::cuda::getCurrentCUDAStream();

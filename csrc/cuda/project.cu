@@ -29,8 +29,10 @@ __global__ void project_rows_kernel(const scalar_t* __restrict__ x, Strides4 xs,
 at::Tensor project_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef output_padding,
                         const std::optional<at::Tensor>& channels) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  // The plan first: it names the argument on the wrong device (x on the CPU and weight on the GPU
+  // dispatch here), where a guard built from a CPU device throws a message that names neither.
   const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels);
+  const c10::cuda::CUDAGuard guard(x.device());
   if (!channels.has_value()) return project_dense(x, weight, stride, padding, output_padding);
   const ProjectGeometry g = plan.geometry;
   const auto format = project_output_format(x);

@@ -35,8 +35,8 @@ __global__ void switches_to_indices_kernel(const uint8_t* __restrict__ sw, Strid
 
 at::Tensor switches_to_indices_cuda(const at::Tensor& switches, at::IntArrayRef input_size, at::IntArrayRef kernel,
                                     at::IntArrayRef stride, at::IntArrayRef padding) {
+  const PoolGeometry g = check_switches_to_indices_args(switches, input_size, kernel, stride, padding);  // first
   const c10::cuda::CUDAGuard guard(switches.device());
-  const PoolGeometry g = check_switches_to_indices_args(switches, input_size, kernel, stride, padding);
   const bool channels_last = prefers_channels_last(switches);
   auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
                                              channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));

@@ -30,8 +30,8 @@ __global__ void unpool_kernel(const scalar_t* __restrict__ y, Strides4 ys, const
 at::Tensor unpool_cuda(const at::Tensor& y, const at::Tensor& switches, at::IntArrayRef input_size,
                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                        const std::optional<at::Tensor>& rows, bool rectify) {
+  UnpoolPlan plan = plan_unpool(y, switches, input_size, kernel, stride, padding, rows);  // checks devices first
   const c10::cuda::CUDAGuard guard(y.device());
-  UnpoolPlan plan = plan_unpool(y, switches, input_size, kernel, stride, padding, rows);
   const int64_t total = plan.out.numel();
   if (total == 0) return plan.out;
   check_switch_values("unpool", count_invalid_switches_cuda(switches, plan.geometry), plan.geometry);
