@@ -8,6 +8,8 @@ Environment switches:
   ZFK_PTXAS_VERBOSE=1       print each CUDA kernel's registers and spills (-Xptxas -v)
   CUDA_HOME                 the toolkit; otherwise the real toolkit behind `nvcc`, then /usr/local/cuda
   MAX_JOBS                  parallel compile jobs (ninja)
+  CXX                       the C++ compiler (torch's choice otherwise); it must link libstdc++
+                            dynamically, which the build checks
 
 Build against the installed torch: pip install --no-build-isolation .
 """
@@ -119,10 +121,41 @@ else:
         "zfkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
     )
 
+
+
+def check_shared_cxx_runtime(library: Path) -> None:
+    """Fails the build when ``library`` does not load a shared C++ runtime.
+
+    The kernels refuse bad input by throwing C++ exceptions that torch's dispatcher turns into
+    Python ones. That needs one C++ runtime for both: a compiler that links libstdc++ statically
+    (seen: a g++ wrapper whose -B folder holds only libstdc++.a) turns every refusal into a
+    segfault. ELF platforms only, and only where binutils' readelf is at hand."""
+    readelf = shutil.which("readelf")
+    if not readelf or not library.is_file():
+        return
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True).stdout
+    if "(NEEDED)" not in dynamic or re.search(r"\[(libstdc\+\+|libc\+\+)\.so", dynamic):
+        return
+    compiler = os.environ.get("CXX") or "c++"
+    raise SystemExit(
+        f"[zfkernels build] error: {library.name} links the C++ runtime statically (compiler: {compiler}), "
+        "so its errors on bad input would crash Python instead of raising. Rebuild with a compiler that "
+        "links libstdc++ dynamically, e.g. CXX=/usr/bin/g++ pip install --no-build-isolation ."
+    )
+
+
+class BuildAndCheck(BuildExtension):
+    """torch's ``BuildExtension``, then :func:`check_shared_cxx_runtime` on what it built."""
+
+    def build_extension(self, ext) -> None:
+        super().build_extension(ext)
+        check_shared_cxx_runtime(Path(self.get_ext_fullpath(ext.name)))
+
+
 say(f"torch {torch.__version__}; sources: {', '.join(extension.sources)}")
 (ROOT / "zfkernels" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildAndCheck},
 )

@@ -18,6 +18,9 @@ stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(build tests ops)
 for stage in "${stages[@]}"; do
   case "$stage" in
     build)
+      # setup.py refuses a library that links libstdc++ statically (its refusals of bad input would
+      # segfault), which the lent H100 image's default CXX (a wrapper in /opt/gcc) does.
+      [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
       arch=$($PY -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")
       echo "GPU: $($PY -c 'import torch; print(torch.cuda.get_device_name(), torch.__version__)') arch $arch"
       if [ ! -f zfkernels/_build_info.json ] || ! grep -q "\"$arch\"" zfkernels/_build_info.json; then
@@ -27,8 +30,8 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     tests)
-      # The refusal tests run apart: on some images a C++ exception from an extension kills the
-      # process, which must not take the other results with it.
+      # The refusal tests run apart: should a C++ exception kill the process (a library linked
+      # against another C++ runtime than torch's), the other results are kept.
       $PY -m pytest -q -p no:cacheprovider -m cuda -k "not rejects and not corrupt" tests 2>&1 | tee "$OUT/pytest-cuda.log" | tail -8
       $PY -m pytest -q -p no:cacheprovider -m cuda -k "rejects or corrupt" tests 2>&1 | tee "$OUT/pytest-cuda-refusals.log" | tail -4
       ;;

@@ -3,6 +3,9 @@ refusal, and what the build reports."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -126,3 +129,19 @@ def test_build_info_reports_what_was_compiled():
         assert info["cuda_version"] and info["cuda_archs"]
     assert zfkernels.has_cuda() == (info["cuda"] and torch.cuda.is_available())
     assert hasattr(torch.ops.zfkernels, "unpool")
+
+
+def test_a_refusal_thrown_in_cpp_reaches_python_as_an_exception(device):
+    """In a fresh process, so that a crash is reported rather than ending the test run: a library
+    linked against another C++ runtime than torch's (libstdc++ linked statically) segfaults on
+    every refusal. setup.py refuses such a build; this checks the library that was built."""
+    code = (
+        "import torch, zfkernels\n"
+        "try:\n"
+        f"    torch.ops.zfkernels.maxpool_switches(torch.randn(3, 8, 8, device='{device}'), [2, 2], [2, 2], [0, 0], False)\n"
+        "except ValueError as error:\n"
+        "    print('raised:', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.startswith("raised: maxpool_switches:") and "4-D" in done.stdout, done.stdout
