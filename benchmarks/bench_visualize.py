@@ -63,12 +63,10 @@ def repeated_folder(source: Path, copies: int, root: Path) -> Path:
     return folder
 
 
-def whole_job(data: Path, out: Path, device: torch.device, batch_size: int, workers: Optional[int]) -> Dict[str, object]:
-    """``zfk visualize`` in a fresh process; its ``run.json`` plus the wall time."""
+def whole_job(data: Path, out: Path, device: torch.device, batch_size: int, options: List[str]) -> Dict[str, object]:
+    """``zfk visualize`` (with ``options`` added) in a fresh process; its ``run.json``."""
     command = [sys.executable, "-m", "zfkernels", "visualize", "--data", str(data), "--out", str(out), "--device",
-               str(device), "--batch-size", str(batch_size), "--quiet"]
-    if workers is not None:
-        command += ["--workers", str(workers)]
+               str(device), "--batch-size", str(batch_size), "--quiet"] + options
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     summary = json.loads((out / "run.json").read_text())
@@ -95,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeat", type=int, default=4, help="the second job runs the folder this many times over")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: the job's own)")
+    parser.add_argument("--decoder", default=None, help="zfk visualize's --decoder (default: the job's own)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the galleries under this folder")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench_visualize.json"))
     args = parser.parse_args(argv)
@@ -107,13 +106,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     bare = bare_forward(device, args.batch_size, files)
     print(f"bare forward: {bare['images_per_second']:.1f} images/s", flush=True)
 
+    options = (["--workers", str(args.workers)] if args.workers is not None else []) + (
+        ["--decoder", args.decoder] if args.decoder else [])
     scratch = Path(tempfile.mkdtemp(prefix="zfk-bench-"))
     jobs = {}
     try:
         for copies in (1, args.repeat):
             data = args.images if copies == 1 else repeated_folder(args.images, copies, scratch)
             out = (args.keep or scratch) / f"gallery-{copies}x"
-            jobs[copies] = whole_job(data, out, device, args.batch_size, args.workers)
+            jobs[copies] = whole_job(data, out, device, args.batch_size, options)
     finally:
         if args.keep is None:
             shutil.rmtree(scratch, ignore_errors=True)
