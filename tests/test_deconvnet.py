@@ -80,6 +80,21 @@ def test_guided_and_backprop_equal_their_autograd_definitions(photos, mode, devi
         check_layer(dn, rec, images, layer, mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["deconvnet", "guided", "backprop"])
+def test_projections_under_inference_mode_equal_those_outside_it(photos, mode, device):
+    """Pass 2 records and projects under ``torch.inference_mode()``; the normalisation's
+    true gradient (guided, backprop) must still be taken there."""
+    dn = Deconvnet(models.zfnet(seed=0).eval().to(device))
+    images = photos[:2].to(device)
+    rec = dn.record(images)
+    rows, channels, positions = strongest_selections(rec.activations["conv2"], 2)
+    want = dn.project(rec, "conv2", rows, channels, positions, mode=mode)
+    with torch.inference_mode():
+        rec = dn.record(images)
+        got = dn.project(rec, "conv2", rows, channels, positions, mode=mode)
+    assert torch.equal(got, want)
+
+
 def test_modes_differ_from_each_other(photos):
     dn = Deconvnet(models.zfnet(seed=0).eval())
     rec = dn.record(photos[:1])

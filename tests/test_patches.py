@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -46,7 +47,8 @@ def enlarge(tile: np.ndarray, layer: str) -> np.ndarray:
     return np.repeat(np.repeat(tile, factor, axis=0), factor, axis=1)
 
 
-def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device):
+@pytest.mark.parametrize("mode", ["deconvnet", "guided"])
+def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device, mode):
     root = photo_folder(tmp_path / "data", 6, ext=".png")
     images = data_mod.discover(root)
     model = models.zfnet(seed=0).eval()
@@ -55,7 +57,7 @@ def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device)
     plan = ScanPlan(images, data_mod.Slots(len(images.files), 4), layers, channels, 3, {})
     net = copy.deepcopy(model).to(device)
     scan = run_scan(net, plan, torch.device(device))
-    result = project_selections(net, scan.layers, images, torch.device(device), batch_size=64)
+    result = project_selections(net, scan.layers, images, torch.device(device), batch_size=64, mode=mode)
 
     pictures = [Image.open(images.path(i)).convert("RGB") for i in range(len(images.files))]
     pixels = [np.asarray(RESIZE_CROP(p)) for p in pictures]  # (224, 224, 3) uint8: what the network saw
@@ -75,7 +77,7 @@ def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device)
             assert len(entries) == 3 and tiles.filled[j].all()
             rows = torch.tensor([row_of[e[0]] for e in entries])
             positions = torch.tensor([[e[2], e[3]] for e in entries])
-            projected = oracle(dn, rec, normalised, layer, rows, torch.full((3,), channel), positions).cpu()
+            projected = oracle(dn, rec, normalised, layer, rows, torch.full((3,), channel), positions, mode=mode).cpu()
             for r, (image, _, y, x) in enumerate(entries):
                 patch = enlarge(window(pixels[image], y, x, layer, GREY), layer)
                 assert np.array_equal(tiles.patches[j, r], patch), (layer, channel, r)

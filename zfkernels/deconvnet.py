@@ -467,9 +467,11 @@ def _rectify(signal: torch.Tensor, mode: str, mask: Optional[torch.Tensor]) -> t
 
 def _norm_backward(module: nn.Module, inputs: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
     """The normalisation's true vector-Jacobian product (it acts per position across channels,
-    so a spatial crop of its input gives the exact result on the crop)."""
-    with torch.enable_grad():
-        x = inputs.detach().requires_grad_(True)
+    so a spatial crop of its input gives the exact result on the crop). Also under
+    ``torch.inference_mode()`` (pass 2 runs in it): autograd is switched back on around a
+    normal-tensor copy of the input, since inference tensors cannot take part in autograd."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = inputs.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(_normalise(module, x), x, signal)
     return grad
 

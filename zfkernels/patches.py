@@ -199,7 +199,7 @@ def project_selections(
                 for start in range(0, len(picks), PROJECTION_CHUNK):
                     chunk = picks[start:start + PROJECTION_CHUNK]
                     with clock("projection"):
-                        _project_chunk(dn, rec, name, chunk, pixels, tiles[name], device)
+                        _project_chunk(dn, rec, name, chunk, pixels, tiles[name], device, mode)
                     count += len(chunk)
             if progress is not None:
                 progress(len(batch.indices) + len(batch.encoded) + len(batch.failures))
@@ -208,12 +208,13 @@ def project_selections(
 
 
 def _project_chunk(dn: Deconvnet, rec: object, layer: str, chunk: Sequence[Tuple[int, int, int, int, int, int]],
-                   pixels: torch.Tensor, out: LayerTiles, device: torch.device) -> None:
-    """Project ``chunk`` = ``(row, j, rank, channel, y, x)`` entries and store their tiles."""
+                   pixels: torch.Tensor, out: LayerTiles, device: torch.device, mode: str) -> None:
+    """Project ``chunk`` = ``(row, j, rank, channel, y, x)`` entries (``mode``: how signals cross
+    the ReLUs, as :meth:`Deconvnet.project`) and store their tiles."""
     rows = torch.tensor([e[0] for e in chunk], dtype=torch.int64, device=device)
     channels = torch.tensor([e[3] for e in chunk], dtype=torch.int64, device=device)
     positions = torch.tensor([[e[4], e[5]] for e in chunk], dtype=torch.int64, device=device)
-    projected = dn.project(rec, layer, rows, channels, positions, chunk_size=PROJECTION_CHUNK)
+    projected = dn.project(rec, layer, rows, channels, positions, mode=mode, chunk_size=PROJECTION_CHUNK)
     g = out.geometry
     y0 = positions[:, 0] * g.stride[0] + g.offset[0]
     x0 = positions[:, 1] * g.stride[1] + g.offset[1]
