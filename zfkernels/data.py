@@ -17,6 +17,7 @@ workers only read the file bytes; anything nvjpeg refuses falls back to Pillow o
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
@@ -113,9 +114,13 @@ def discover(root: Path, limit: Optional[int] = None, exclude: Optional[Path] = 
             scanned.add(here.resolve())
             keep = []
             for d in sorted(dirnames):
-                if d.startswith(".") or (skip_dir is not None and (here / d).resolve() == skip_dir):
+                folder = here / d
+                if d.startswith(".") or (skip_dir is not None and folder.resolve() == skip_dir):
                     continue
-                (linked if (here / d).is_symlink() else keep).append(here / d if (here / d).is_symlink() else d)
+                if folder.is_symlink():
+                    linked.append(folder)  # walked later, once
+                else:
+                    keep.append(d)
             dirnames[:] = keep
             for name in filenames:
                 relative = (here / name).relative_to(root).as_posix()
@@ -221,23 +226,25 @@ def load_crop(source: object) -> torch.Tensor:
     return to_chw_uint8(resize_crop(decode(source)))
 
 
-def _mean_std(dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet's mean and std as ``(1, 3, 1, 1)`` tensors."""
-    return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+@functools.lru_cache(maxsize=None)
+def _constants(dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, and ImageNet's mean and std as ``(1, 3, 1, 1)`` tensors, on ``device``: made once, not
+    copied from the host for every batch. 255 is a tensor because CUDA divides by a Python number
+    as a multiplication by its reciprocal, one rounding off torchvision's CPU division for some
+    pixel values. (Read-only: callers never modify them in place.)"""
+    mean, std = (torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return torch.full((), 255, dtype=dtype, device=device), mean, std
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> normalised floats, as ``ToTensor`` then ``Normalize`` compute it."""
-    # 255 as a tensor on the images' device: CUDA divides by a Python number as a multiplication
-    # by its reciprocal, one rounding off torchvision's CPU division for some pixel values.
-    x = images.to(dtype).div_(torch.full((), 255, dtype=dtype, device=images.device))
-    mean, std = _mean_std(dtype, x.device)
-    return x.sub_(mean).div_(std)
+    scale, mean, std = _constants(dtype, images.device)
+    return images.to(dtype).div_(scale).sub_(mean).div_(std)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Normalised (N, 3, H, W) floats back to uint8 pixels (what the network saw)."""
-    mean, std = _mean_std(images.dtype, images.device)
+    _, mean, std = _constants(images.dtype, images.device)
     return (images * std + mean).mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 

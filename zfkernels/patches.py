@@ -185,11 +185,8 @@ def project_selections(
             clock.add("data wait", time.perf_counter() - waited)
             clock.add("decode (worker CPU)", batch.decode_seconds)
             failures.extend(batch.failures)
-            if batch.encoded:
-                indices, crops, more = data_mod.decode_on_device(batch, device)
-                failures.extend(more)
-            else:
-                indices, crops = batch.indices.to(device), batch.images.to(device)
+            indices, crops, more = data_mod.decode_on_device(batch, device)
+            failures.extend(more)
             row_of = {int(i): n for n, i in enumerate(indices.tolist())}
             with clock("forward (record)"):
                 rec = dn.record(data_mod.normalize(crops))
@@ -202,7 +199,7 @@ def project_selections(
                         _project_chunk(dn, rec, name, chunk, pixels, tiles[name], device, mode)
                     count += len(chunk)
             if progress is not None:
-                progress(len(batch.indices) + len(batch.encoded) + len(batch.failures))
+                progress(len(batch) + len(batch.failures))
             waited = time.perf_counter()
     return ProjectionResult(tiles, sorted(failures), len(distinct), count, clock.totals(), time.perf_counter() - began)
 

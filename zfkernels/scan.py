@@ -200,10 +200,8 @@ class Scanner:
                  device: torch.device) -> None:
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
-        self.model = model
         self.device = torch.device(device)
         self.taps = FeatureTaps(model, layers)
-        self.top = top
         sizes = map_sizes(model, layers)
         self.layers: Dict[str, LayerTop] = {
             name: LayerTop.empty(channels[name], top, sizes[name], self.device) for name in layers
@@ -504,12 +502,8 @@ def run_scan(
                     clock.add("decode (worker CPU)", batch.decode_seconds)
                     failures.extend(batch.failures)
                     with clock("to device"):
-                        if batch.encoded:
-                            indices, crops, more = data_mod.decode_on_device(batch, device)
-                            failures.extend(more)
-                        else:
-                            indices = batch.indices.to(device, non_blocking=True)
-                            crops = batch.images.to(device, non_blocking=True)
+                        indices, crops, more = data_mod.decode_on_device(batch, device)
+                        failures.extend(more)
                         images = data_mod.normalize(crops).contiguous(memory_format=torch.channels_last)
                     with torch.inference_mode():
                         scanner.update(images, indices, clock)
@@ -530,12 +524,13 @@ def run_scan(
             stopped = distributed.any([stopped or bool(stop)])[0]
         if stopped:
             raise ScanInterrupted(stop.get("signum", signal.SIGTERM))
-        layers = {name: LayerTop.from_state(s, torch.device("cpu")) for name, s in final.topk.items()}
-        return ScanResult(layers, final.skipped, final.scanned, clock.totals(), time.perf_counter() - began, sum(
-            distributed.all_gather_objects(scanned)))
+        # final.scanned already sums every process's count.
+        return result_from_state(final, clock.totals(), time.perf_counter() - began, final.scanned - scanned_before)
 
 
-def result_from_state(state: ScanState) -> ScanResult:
-    """A finished pass 1 read back from its checkpoint."""
+def result_from_state(state: ScanState, timings: Optional[Dict[str, float]] = None, seconds: float = 0.0,
+                      images_this_run: int = 0) -> ScanResult:
+    """Pass 1's result from a finished state: the one it just merged, or one read back from its
+    checkpoint (then nothing was timed or scanned in this run)."""
     layers = {name: LayerTop.from_state(s, torch.device("cpu")) for name, s in state.topk.items()}
-    return ScanResult(layers, sorted(state.skipped), state.scanned, {}, 0.0, 0)
+    return ScanResult(layers, sorted(state.skipped), state.scanned, timings or {}, seconds, images_this_run)
