@@ -14,6 +14,8 @@ from zfkernels.cliutil import CliError
 from zfkernels.diagnostics._common import FeatureExtractor, paper_layers
 from zfkernels.diagnostics.filters import filter_grid, first_conv, layer2_sheet, normalise_filters, parse_compare
 
+from _visualize import brute_force_topk, real_folder
+
 
 def test_each_filter_is_normalised_on_its_own():
     weight = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 10, 0.1, 3, 1]).view(5, 1, 1, 1)
@@ -85,10 +87,8 @@ def test_layer2_sheet():
 
 
 def test_command_two_models_and_layer2(shared_images, tmp_path, capsys):
-    data = tmp_path / "images"
-    data.mkdir()
-    for name in ("n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG"):
-        (data / name).symlink_to(shared_images / name)
+    names = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG"]
+    data = real_folder(shared_images, tmp_path / "images", names)
     out = tmp_path / "out"
     argv = ["filters", "--compare", "alexnet", "--data", str(data), "--features", "0-1", "--top", "2", "--out", str(out), "-q"]
     assert cli.main(argv) == 0
@@ -100,6 +100,14 @@ def test_command_two_models_and_layer2(shared_images, tmp_path, capsys):
     assert len(zf["layer1"]["min"]) == 96 and len(alex["layer1"]["max"]) == 64
     assert zf["layer2"]["layer"] == "conv2" and [m["channel"] for m in zf["layer2"]["maps"]] == [0, 1]
     assert len(zf["layer2"]["maps"][0]["top"]) == 2
+    # Each model's own selections (both call layer 2 conv2, so a mix-up shows only in the values).
+    for entry, model in ((zf, models.zfnet(seed=0)), (alex, models.alexnet(seed=0))):
+        want = brute_force_topk(model.eval(), data, names, ["conv2"], [0, 1], 2, 32)["conv2"]
+        got = entry["layer2"]["maps"]
+        assert [[(t["image"], t["y"], t["x"]) for t in m["top"]] for m in got] == \
+            [[(t["image"], t["y"], t["x"]) for t in m["top"]] for m in want]
+        np.testing.assert_allclose([[t["value"] for t in m["top"]] for m in got],
+                                   [[t["value"] for t in m["top"]] for m in want], rtol=1e-5)
     for name in ("layer1.png", "layer2-0-zfnet.png", "layer2-1-alexnet.png", "index.html"):
         assert (out / "filters" / name).is_file()
     assert cli.main(["filters", "--compare", "lenet", "--out", str(out)]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, IO, Union
 
@@ -22,10 +23,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# The umask can only be read by setting it; the gallery writes from several threads, and one
+# reading it between another's set and restore would take the temporary value for the real one.
+_UMASK_LOCK = threading.Lock()
+
+
 def _default_mode() -> int:
     """The permissions ``open(path, "w")`` would give a new file (0666 less the umask)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

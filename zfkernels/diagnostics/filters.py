@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     document: Dict[str, object] = {"command": "filters", "normalisation": "per filter: (w - min) / (max - min) over its 3*k*k weights",
                                    "models": []}
     sections = [_common.figure_html("layer1.png", "layer-1 filters")]
-    for spec, conv in zip(specs, convs):
+    for spec, model, conv in zip(specs, models, convs):
         flat = conv.weight.detach().flatten(1)
         entry: Dict[str, object] = {
             "arch": spec.arch, "weights": spec.weights, "seed": None if spec.weights else args.seed,
