@@ -70,7 +70,7 @@ def run(device: torch.device, arch: str, size: int, stride: int, batch_sizes: Li
         loop = timer(lambda: loop_maps(model, image, layer, channel, size, stride), "loop (1 forward per position)")
         # The library runs the model channels-last; the same layout for the loop separates the
         # gain of batching from the gain of the layout.
-        with _common.channels_last(model):
+        with models.channels_last(model):
             loop_cl = timer(lambda: loop_maps(model, image, layer, channel, size, stride), "loop, channels-last")
         results, rows_out = [loop, loop_cl], []
         for batch in batch_sizes:

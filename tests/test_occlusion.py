@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zfkernels import cli
+from zfkernels import cli, models
 from zfkernels.diagnostics import _common
 from zfkernels.diagnostics.occlusion import occlusion_grid, occlusion_maps, project_strongest, strongest_map
 
@@ -157,6 +157,16 @@ def test_command_on_a_real_photograph(shared_images, tmp_path, capsys):
     assert entry["true_class"] == {"index": 0, "synset": "n01440764", "name": "tench"}
     assert len(entry["p_true"]) == 4 and len(entry["p_true"][0]) == 4
     assert document["grid"]["rows"][0] == [0, 58]
+    # The unoccluded image's strongest conv5 map and class probabilities, computed on their own.
+    model = models.zfnet(seed=0).eval()
+    image = _common.data_mod.normalize(_common.data_mod.load_crop(odd).unsqueeze(0))[0]
+    strongest = strongest_map(model, image, "conv5")
+    assert entry["strongest"]["channel"] == strongest.channel and entry["strongest"]["value"] == strongest.value
+    assert (entry["strongest"]["y"], entry["strongest"]["x"]) == (strongest.y, strongest.x)
+    with torch.no_grad():
+        p = torch.softmax(model(image.unsqueeze(0))[0], 0)
+    assert entry["unoccluded"]["p_true"] == pytest.approx(float(p[0]), rel=1e-5)
+    assert entry["unoccluded"]["top_class"] == int(p.argmax())
     assert (out / "occlusion" / entry["figure"]).stat().st_size > 0
     page = (out / "occlusion" / "index.html").read_text()
     assert "n01440764_&lt;b&gt;&amp;&quot;$\\q{$x.JPEG" in page and "<b>&" not in page

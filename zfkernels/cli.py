@@ -7,7 +7,6 @@ Each command lives in its own module and adds itself with ``register(subparsers)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from typing import List, Optional
 
@@ -35,13 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     subparsers.required = True
-    from . import visualize
+    from . import diagnostics, visualize
 
     visualize.register(subparsers)
-    if importlib.util.find_spec(f"{__package__}.diagnostics") is not None:
-        from . import diagnostics
-
-        diagnostics.register(subparsers)
+    diagnostics.register(subparsers)
     return parser
 
 

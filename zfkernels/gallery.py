@@ -114,23 +114,29 @@ def grid_shape(k: int) -> Tuple[int, int]:
     return math.ceil(k / columns), columns
 
 
+def tile_grid(tiles: np.ndarray, columns: int, gap: int = GAP, background: int = BACKGROUND[0],
+              filled: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(K, h, w, 3)`` uint8 tiles -> one ``(rows*h + gaps, columns*w + gaps, 3)`` image, row by
+    row; tiles not ``filled`` ``(K,)`` (nothing was found for them) stay background."""
+    k, h, w = tiles.shape[:3]
+    rows = max(1, math.ceil(k / columns))
+    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), background, dtype=np.uint8)
+    for n in range(k):
+        if filled is not None and not filled[n]:
+            continue
+        y, x = (n // columns) * (h + gap), (n % columns) * (w + gap)
+        sheet[y:y + h, x:x + w] = tiles[n]
+    return sheet
+
+
 def compose_cell(projections: np.ndarray, patches: np.ndarray, filled: np.ndarray) -> np.ndarray:
     """One feature map's picture: the grid of projections, a gap, the grid of patches.
     ``projections``/``patches`` are ``(K, T, T, 3)`` uint8, ``filled`` ``(K,)``."""
-    k, t = projections.shape[0], projections.shape[1]
-    rows, columns = grid_shape(k)
-    grid_w = columns * t + (columns - 1) * GAP
-    grid_h = rows * t + (rows - 1) * GAP
-    cell = np.empty((grid_h, 2 * grid_w + SPLIT, 3), dtype=np.uint8)
-    cell[:] = BACKGROUND
-    for r in range(k):
-        if not filled[r]:
-            continue
-        y = (r // columns) * (t + GAP)
-        x = (r % columns) * (t + GAP)
-        cell[y:y + t, x:x + t] = projections[r]
-        cell[y:y + t, grid_w + SPLIT + x:grid_w + SPLIT + x + t] = patches[r]
-    return cell
+    columns = grid_shape(projections.shape[0])[1]
+    left = tile_grid(projections, columns, filled=filled)
+    right = tile_grid(patches, columns, filled=filled)
+    split = np.full((left.shape[0], SPLIT, 3), BACKGROUND, dtype=np.uint8)
+    return np.concatenate([left, split, right], axis=1)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

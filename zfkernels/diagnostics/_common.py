@@ -28,7 +28,6 @@ from .. import gallery
 from .._io import atomic_write_bytes, atomic_write_text
 from ..cliutil import CliError, check_files_exist, progress_bar, say, untrained_warning
 from ..deconvnet import parse_features
-from ..models import channels_last  # noqa: F401  (the diagnostics run their batches in it)
 from .. import patches
 from ..patches import ProjectionResult, project_selections
 from ..scan import ScanPlan, ScanResult, run_scan
@@ -281,21 +280,6 @@ def top_projections(model: nn.Module, images: data_mod.ImageList, channels: Dict
         say(f"{description}: {len(scan.skipped)} image(s) could not be read and were skipped ({names} …)", quiet)
     projected = project_selections(model, scan.layers, images, device, batch_size=batch_size)
     return scan, projected
-
-
-def tile_grid(tiles: np.ndarray, columns: int, gap: int = 2, background: int = 255,
-              filled: Optional[np.ndarray] = None) -> np.ndarray:
-    """``(K, h, w, 3)`` uint8 tiles -> one ``(rows*h + gaps, columns*w + gaps, 3)`` image, row by
-    row; tiles not ``filled`` ``(K,)`` (nothing was found for them) stay background."""
-    k, h, w = tiles.shape[:3]
-    rows = max(1, math.ceil(k / columns))
-    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), background, dtype=np.uint8)
-    for n in range(k):
-        if filled is not None and not filled[n]:
-            continue
-        y, x = (n // columns) * (h + gap), (n % columns) * (w + gap)
-        sheet[y:y + h, x:x + w] = tiles[n]
-    return sheet
 
 
 def display_projection(projection: torch.Tensor) -> np.ndarray:

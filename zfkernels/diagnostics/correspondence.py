@@ -35,6 +35,7 @@ import torch.nn as nn
 from .. import data as data_mod
 from .. import gallery
 from ..cliutil import CliError, add_model_options, load_model, non_negative_int, prepare_out, resolve_device, say
+from ..models import channels_last
 from . import _common
 
 COORDINATES = ("crop", "original")
@@ -140,7 +141,7 @@ def correspondence(
     else:
         trial_boxes = torch.zeros((0, n, 4), dtype=torch.int64)
     groups = [boxes.to(torch.int64) for boxes in parts.values()] + list(trial_boxes)
-    with _common.channels_last(model):
+    with channels_last(model):
         base = _common.forward_batched(extractor, images, layers, batch_size)
         signs = _occluded_signs(extractor, images, base, groups, layers, fill, batch_size)
     names = list(parts)

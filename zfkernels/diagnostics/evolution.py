@@ -73,7 +73,7 @@ def montage(tiles: np.ndarray, filled: np.ndarray, gap: int = 4) -> np.ndarray:
     """``(F, K, T, T, 3)`` tiles -> one image, row ``f`` and column ``k`` holding tile
     ``[f, k]`` (white where nothing was found)."""
     rows, cols = tiles.shape[:2]
-    return _common.tile_grid(tiles.reshape((rows * cols,) + tiles.shape[2:]), cols, gap, filled=filled.reshape(-1))
+    return gallery.tile_grid(tiles.reshape((rows * cols,) + tiles.shape[2:]), cols, gap, filled=filled.reshape(-1))
 
 
 def render(path: Path, sheet: np.ndarray, tile: int, gap: int, row_labels: Sequence[str], column_labels: Sequence[str],

@@ -10,7 +10,6 @@ mapped linearly so that its minimum is 0 and its maximum 1 (a constant filter is
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -49,14 +48,14 @@ def filter_grid(weight: torch.Tensor, columns: Optional[int] = None, gap: int = 
     white pixels between filters."""
     if weight.dim() != 4 or weight.shape[1] != 3:
         raise ValueError(f"filter_grid: expected RGB filters (C, 3, k, k), got {tuple(weight.shape)}")
-    columns = columns or math.ceil(math.sqrt(weight.shape[0]))
+    columns = columns or gallery.grid_shape(weight.shape[0])[1]
     pixels = (normalise_filters(weight) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if pixels.shape[1] != pixels.shape[2]:  # non-square kernels: pad to square tiles
         side = max(pixels.shape[1:3])
         padded = np.full((pixels.shape[0], side, side, 3), 255, dtype=np.uint8)
         padded[:, :pixels.shape[1], :pixels.shape[2]] = pixels
         pixels = padded
-    return _common.tile_grid(pixels, columns, gap)
+    return gallery.tile_grid(pixels, columns, gap)
 
 
 @dataclass
@@ -96,12 +95,9 @@ def render_filters(path: Path, grids: List[Tuple[str, np.ndarray, nn.Conv2d]]) -
 def layer2_sheet(projections: np.ndarray, filled: np.ndarray, columns: int) -> np.ndarray:
     """``(F, K, T, T, 3)`` top-K projection tiles of F feature maps -> one image: each map's
     K tiles as a square grid, the maps' grids ``columns`` to a row."""
-    f, k = projections.shape[:2]
-    per_map = math.ceil(math.sqrt(k))
-    cells = []
-    for j in range(f):
-        cells.append(_common.tile_grid(projections[j], per_map, gap=1, filled=filled[j]))
-    return _common.tile_grid(np.stack(cells), columns, gap=6)
+    per_map = gallery.grid_shape(projections.shape[1])[1]
+    cells = [gallery.tile_grid(tiles, per_map, gap=1, filled=shown) for tiles, shown in zip(projections, filled)]
+    return gallery.tile_grid(np.stack(cells), columns, gap=6)
 
 
 # -- the command -------------------------------------------------------------------------------

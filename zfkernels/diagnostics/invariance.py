@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .. import data as data_mod
 from .. import gallery
 from ..cliutil import CliError, add_model_options, load_model, prepare_out, progress_bar, resolve_device, say
+from ..models import channels_last
 from . import _common
 
 TRANSFORMS = ("translate", "scale", "rotate")
@@ -147,7 +148,7 @@ def invariance_curves(
     raw = {layer: [] for layer in layers}
     norms = {layer: [] for layer in layers}
     probability = []
-    with _common.channels_last(model):  # once for every image: it rewrites each conv weight
+    with channels_last(model):  # once for every image: it rewrites each conv weight
         for image, target in zip(images, targets):
             # The untransformed image rides in the same batches as its copies (row 0).
             copies = transform_images(image, transform, [IDENTITY[transform]] + list(values))

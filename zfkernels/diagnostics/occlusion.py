@@ -26,6 +26,7 @@ from .. import gallery
 from ..cliutil import CliError, add_model_options, load_model, positive_int, prepare_out, progress_bar, resolve_device, say
 from ..deconvnet import Deconvnet
 from ..scan import spatial_max
+from ..models import channels_last
 from . import _common
 
 
@@ -96,7 +97,7 @@ def occlusion_maps(
     rows, cols = occlusion_grid(height, width, size, stride)
     boxes = grid_boxes(rows, cols).to(image.device)
     totals, probabilities, top_classes, top_probabilities = [], [], [], []
-    with _common.channels_last(model):
+    with channels_last(model):
         for start in range(0, boxes.shape[0], batch_size):
             _occlusion_batch(extractor, image, boxes[start:start + batch_size], fill, layer, channel, target,
                              (totals, probabilities, top_classes, top_probabilities))
@@ -141,7 +142,11 @@ class Strongest:
 
 def strongest_map(model: nn.Module, image: torch.Tensor, layer: str) -> Strongest:
     """:class:`Strongest` of ``layer`` for one normalised ``(3, H, W)`` image."""
-    act = _common.FeatureExtractor(model)(image.unsqueeze(0), [layer])[layer]
+    return strongest_of(_common.FeatureExtractor(model)(image.unsqueeze(0), [layer])[layer])
+
+
+def strongest_of(act: torch.Tensor) -> Strongest:
+    """:class:`Strongest` of one image's activations ``(1, C, H, W)`` of a layer."""
     values, positions = spatial_max(act.float())
     channel = int(values[0].argmax())  # the first of equal maxima: the lower channel
     position = int(positions[0, channel])
@@ -274,19 +279,20 @@ def run(args: argparse.Namespace) -> int:
     images = data_mod.normalize(crops).to(device)
     rows, cols = occlusion_grid(images.shape[-2], images.shape[-1], args.size, args.stride)
     positions = rows.shape[0] * cols.shape[0]
+    # The occluder at the centre cell, drawn on each image as the figure's example.
+    centre = grid_boxes(rows, cols)[(rows.shape[0] // 2) * cols.shape[0] + cols.shape[0] // 2]
     bar = progress_bar(positions * len(paths), "occlusion", "copy", args.quiet)
     entries: List[Dict[str, object]] = []
     sections: List[str] = []
     try:
         for n, (path, image, target) in enumerate(zip(paths, images, targets)):
-            strongest = strongest_map(model, image, layer)
+            unoccluded = extractor(image.unsqueeze(0), [layer, "logits"])  # one forward for both
+            strongest = strongest_of(unoccluded[layer])
             maps = occlusion_maps(model, image, layer=layer, channel=strongest.channel, target=target, size=args.size,
                                   stride=args.stride, fill=fill, batch_size=args.batch_size, progress=bar)
             projection, field = project_strongest(model, image, layer, strongest)
-            logits = extractor(image.unsqueeze(0), ["logits"])["logits"][0].float()
-            p = torch.softmax(logits, 0)
+            p = torch.softmax(unoccluded["logits"][0].float(), 0)
             png = f"image{n:03d}.png"
-            centre = grid_boxes(maps.rows, maps.cols)[(rows.shape[0] // 2) * cols.shape[0] + cols.shape[0] // 2]
             example = data_mod.denormalize(_common.occlude(image[None], centre[None], fill))[0].cpu()
             render(folder / png, example, path.name, maps, strongest, projection, field)
             entries.append({
