@@ -22,7 +22,9 @@ import torch.nn as nn
 from PIL import Image
 
 from zfkernels import cli
+from zfkernels import data as data_mod
 from zfkernels.deconvnet import Deconvnet
+from zfkernels.scan import ScanPlan
 
 from _images import load as load_pillow
 
@@ -69,11 +71,14 @@ def photo_folder(root: Path, count: int, *, seed: int = 0, ext: str = ".png") ->
     return root
 
 
-def real_folder(shared: Path, root: Path, names: Sequence[str] = REAL) -> Path:
-    """Copies of real photographs in ``root`` (a test may add to it)."""
+def real_folder(shared: Path, root: Path, names: Sequence[str] = REAL, twins: Optional[Dict[str, str]] = None) -> Path:
+    """Copies of real photographs in ``root`` (a test may add to it); ``twins`` maps further
+    names to the photograph each is a byte-identical copy of (exact ties between images)."""
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copyfile(shared / name, root / name)
+    for twin, name in (twins or {}).items():
+        shutil.copyfile(shared / name, root / twin)
     return root
 
 
@@ -241,3 +246,15 @@ def read_topk(out: Path) -> dict:
 
 def html_pages(out: Path) -> List[Path]:
     return sorted(Path(out).glob("*.html"))
+
+
+def scan_plan(root: Path, layers: Sequence[str], channels: Dict[str, torch.Tensor], top: int, batch_size: int) -> ScanPlan:
+    """Pass 1's plan for the images under ``root``."""
+    images = data_mod.discover(root)
+    return ScanPlan(images, data_mod.Slots(len(images.files), batch_size), list(layers),
+                    {name: channels[name] for name in layers}, top, {"test": 1})
+
+
+def visualize(data, out, *extra, device: str = "cpu") -> list:
+    """``zfk visualize`` arguments for a test run: in this process, quiet, ``extra`` added."""
+    return ["visualize", "--data", data, "--out", out, "--device", device, "--workers", "0", "--quiet", *extra]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from zfkernels import data as data_mod
 
-from _images import EVAL_TRANSFORM, RESIZE_CROP, load
+from _images import RESIZE_CROP, load
 from _visualize import GRAYSCALE, REAL, jpeg_bytes, jpeg_decoding_device, photo, write_broken_files, write_photo
 
 
@@ -201,7 +201,7 @@ def test_normalize_on_generated_pictures_equals_torchvision_bitwise(tmp_path, de
     """On every device: pass 1 normalises on the device the network runs on."""
     paths = [write_photo(tmp_path / f"{i}.png", i, size=(90 + 7 * i, 60)) for i in range(4)]
     crops = torch.stack([data_mod.load_crop(p) for p in paths])
-    want = torch.stack([EVAL_TRANSFORM(Image.open(p).convert("RGB")) for p in paths])
+    want = load(tmp_path, [p.name for p in paths])
     ours = data_mod.normalize(crops.to(device))
     assert ours.device.type == device
     assert torch.equal(ours.cpu(), want)

@@ -14,24 +14,22 @@ from zfkernels import models
 from zfkernels.diagnostics import _common
 from zfkernels.diagnostics.evolution import feature_evolution, montage
 
+from _images import load
+from _visualize import real_folder
+
 NAMES = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n01530575_brambling.JPEG", "n01532829_house_finch.JPEG",
          "n02085620_Chihuahua.JPEG"]
 
 
 @pytest.fixture
 def folder(shared_images, tmp_path):
-    root = tmp_path / "images"
-    root.mkdir()
-    for name in NAMES:
-        (root / name).symlink_to(shared_images / name)
-    return root
+    return real_folder(shared_images, tmp_path / "images", NAMES)
 
 
-def brute_force(model, images: data_mod.ImageList, layer: str, channel: int):
-    """(image index, value, y, x) of the largest activation over all images and positions:
-    ties to the earlier image, then the first position in row-major order."""
-    crops = data_mod.normalize(torch.stack([data_mod.load_crop(images.path(i)) for i in range(len(images.files))]))
-    act = _common.FeatureExtractor(model)(crops, [layer])[layer][:, channel]
+def brute_force(act: torch.Tensor):
+    """(image index, value, y, x) of the largest of one feature map's activations ``(N, H, W)``
+    over all images and positions: ties to the earlier image, then the first position in
+    row-major order."""
     best = None
     for n in range(act.shape[0]):
         flat = act[n].flatten()
@@ -48,11 +46,13 @@ def test_strongest_activation_per_checkpoint(folder):
     channels = {"conv1": torch.tensor([0, 5]), "conv3": torch.tensor([2])}
     result = feature_evolution(iter(checkpoints), images, channels, torch.device("cpu"), batch_size=3)
     assert result.projections["conv1"].shape[:2] == (2, 3) and result.projections["conv3"].shape[:2] == (1, 3)
+    crops = load(folder, images.files)  # torchvision's evaluation transform
+    activations = [_common.FeatureExtractor(model)(crops, list(channels)) for model in checkpoints[:2]]
     for layer, picked in channels.items():
         for j, channel in enumerate(picked.tolist()):
-            for k, model in enumerate(checkpoints[:2]):
+            for k, acts in enumerate(activations):
                 image, value, y, x = result.entries[layer][j][k]
-                ref = brute_force(model, images, layer, channel)
+                ref = brute_force(acts[layer][:, channel])
                 assert (image, y, x) == (ref[0], ref[2], ref[3])
                 assert value == pytest.approx(ref[1], rel=1e-4)
         assert result.filled[layer].all()

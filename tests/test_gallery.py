@@ -17,7 +17,7 @@ import pytest
 
 from zfkernels import gallery
 
-from _visualize import html_pages, jpeg_bytes, read_topk, write_photo, zfk
+from _visualize import html_pages, jpeg_bytes, read_topk, visualize, write_photo, zfk
 
 HOSTILE = '<script>alert(1)</script>&"\'.png'
 NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.png")  # bytes that are not UTF-8 (surrogate-escaped in Python)
@@ -83,8 +83,8 @@ def hostile_run(tmp_path_factory):
     before = snapshot(work, out)
     umask = os.umask(0o022)
     try:
-        status, _, _ = zfk(["visualize", "--data", data, "--out", out, "--layers", "conv1,conv2", "--features", "0-2",
-                      "--top", "9", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet"])
+        status, _, _ = zfk(visualize(data, out, "--layers", "conv1,conv2", "--features", "0-2", "--top", "9",
+                                     "--batch-size", "4"))
     finally:
         os.umask(umask)
     assert status == 0

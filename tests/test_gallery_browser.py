@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _visualize import photo_folder, zfk
+from _visualize import photo_folder, visualize, zfk
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1200, 900)
@@ -66,8 +66,8 @@ def gallery(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("browser")
     data = photo_folder(work / "data", 6, seed=50)
     out = work / "out"
-    status, _, _ = zfk(["visualize", "--data", data, "--out", out, "--layers", "conv1,conv2", "--features", "0-3",
-                        "--top", "4", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet"])
+    status, _, _ = zfk(visualize(data, out, "--layers", "conv1,conv2", "--features", "0-3", "--top", "4",
+                                 "--batch-size", "4"))
     assert status == 0
     return out
 

@@ -13,15 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from zfkernels import data as data_mod
 from zfkernels import models
 from zfkernels.deconvnet import Deconvnet
 from zfkernels.patches import project_selections
-from zfkernels.scan import ScanPlan, run_scan
+from zfkernels.scan import run_scan
 
 from _images import EVAL_TRANSFORM, RESIZE_CROP
 from _oracle import oracle
-from _visualize import photo_folder
+from _visualize import photo_folder, scan_plan
 
 # (size, stride, offset) of each layer's receptive field, by hand from ZFNet's Figure 3:
 # conv1 7x7/2 pad 1; pool1 3x3/2 and conv2 5x5/2 widen it by 2*2 + 4*4; pool2 3x3/2 and conv3
@@ -50,11 +49,11 @@ def enlarge(tile: np.ndarray, layer: str) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["deconvnet", "guided"])
 def test_tiles_equal_the_image_patch_and_the_oracle_projection(tmp_path, device, mode):
     root = photo_folder(tmp_path / "data", 6, ext=".png")
-    images = data_mod.discover(root)
     model = models.zfnet(seed=0).eval()
     layers = list(FIELDS)
     channels = {"conv1": torch.tensor([0, 5, 40]), "conv3": torch.tensor([2, 100, 301])}
-    plan = ScanPlan(images, data_mod.Slots(len(images.files), 4), layers, channels, 3, {})
+    plan = scan_plan(root, layers, channels, top=3, batch_size=4)
+    images = plan.images
     net = copy.deepcopy(model).to(device)
     scan = run_scan(net, plan, torch.device(device))
     result = project_selections(net, scan.layers, images, torch.device(device), batch_size=64, mode=mode)

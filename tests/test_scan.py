@@ -15,10 +15,9 @@ import torch
 
 from zfkernels import data as data_mod
 from zfkernels import models
-from zfkernels.scan import EMPTY, LayerTop, ScanPlan, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
+from zfkernels.scan import EMPTY, LayerTop, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
 
-from conftest import sliced
-from _visualize import REAL, brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, torchvision_decoded
+from _visualize import REAL, brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, scan_plan, torchvision_decoded
 
 # -- the ranking ---------------------------------------------------------------------------------
 
@@ -178,7 +177,6 @@ def direct_max(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return values, positions
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
 @pytest.mark.parametrize("kind", ["ties", "relu", "nan"])
 def test_spatial_max_equals_a_direct_argmax(layout, kind, device):
     g = torch.Generator().manual_seed(1)
@@ -192,21 +190,11 @@ def test_spatial_max_equals_a_direct_argmax(layout, kind, device):
         x[0, 1, 2, 3] = x[0, 1, 5, 0] = x[2, 4, 6, 5] = float("nan")
         x[1, 2].fill_(float("nan"))
     want = direct_max(x)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":
-        x = sliced(x)
-    values, positions = spatial_max(x.to(device))
+    values, positions = spatial_max(layout(x.to(device)))  # the layout on the device: .to() would undo a slice
     assert torch.equal(values.cpu(), want[0]) and torch.equal(positions.cpu(), want[1])
 
 
 # -- the scan of real photographs --------------------------------------------------------------------
-
-
-def scan_plan(root: Path, layers, channels, top: int, batch_size: int) -> ScanPlan:
-    images = data_mod.discover(root)
-    return ScanPlan(images, data_mod.Slots(len(images.files), batch_size), layers,
-                    {name: channels[name] for name in layers}, top, {"test": 1})
 
 
 def as_document(result_layers, files, model) -> dict:
@@ -232,10 +220,8 @@ def photos_with_twins(shared_images, tmp_path) -> Path:
     """Ten real photographs (one grayscale) and two byte-identical copies: exact ties between
     images where the CPU computes both copies bitwise alike (most do), which the brute force
     gives to the earlier file."""
-    root = real_folder(shared_images, tmp_path / "data", REAL[:10])
-    (root / "zz_twin_of_tench.JPEG").write_bytes((root / REAL[0]).read_bytes())
-    (root / "n01443537_goldfish_twin.JPEG").write_bytes((root / REAL[1]).read_bytes())
-    return root
+    return real_folder(shared_images, tmp_path / "data", REAL[:10],
+                       twins={"zz_twin_of_tench.JPEG": REAL[0], "n01443537_goldfish_twin.JPEG": REAL[1]})
 
 
 def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twins, zfnet, device):

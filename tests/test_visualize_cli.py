@@ -25,15 +25,11 @@ from zfkernels.scan import CHECKPOINT_VERSION, ScanState
 
 from conftest import CUDA_REASON
 from _visualize import (REAL, REPO, brute_force_topk, jpeg_decoding_device, photo, photo_folder, read_topk, real_folder,
-                        run_zfk, subprocess_env, torch_threads, torchvision_decoded, write_broken_files, write_photo,
-                        zfk, zfk_command)
+                        run_zfk, subprocess_env, torch_threads, torchvision_decoded, visualize, write_broken_files,
+                        write_photo, zfk, zfk_command)
 
 BIN = Path(sys.executable).parent
 SAMPLES = sorted(p.name for p in (Path(zfkernels.__file__).parent / "sample_images").glob("*.jpg"))
-
-
-def visualize(data, out, *extra, device: str = "cpu") -> list:
-    return ["visualize", "--data", data, "--out", out, "--device", device, "--workers", "0", "--quiet", *extra]
 
 
 # -- the result against a brute-force scan --------------------------------------------------------
@@ -42,8 +38,9 @@ def visualize(data, out, *extra, device: str = "cpu") -> list:
 @pytest.fixture(params=["real", "generated"])
 def folder(request, tmp_path) -> Path:
     if request.param == "real":
-        root = real_folder(request.getfixturevalue("shared_images"), tmp_path / "data")
-        shutil.copyfile(root / REAL[3], root / "zz_copy_of_tiger_shark.JPEG")  # exact ties: the earlier file wins
+        # exact ties: the earlier file wins
+        root = real_folder(request.getfixturevalue("shared_images"), tmp_path / "data",
+                           twins={"zz_copy_of_tiger_shark.JPEG": REAL[3]})
     else:
         root = photo_folder(tmp_path / "data", 12)
         shutil.copyfile(root / "img004.png", root / "img004_copy.png")
