@@ -25,8 +25,8 @@ from .. import data as data_mod
 from .. import gallery
 from ..cliutil import CliError, add_model_options, load_model, positive_int, prepare_out, progress_bar, resolve_device, say
 from ..deconvnet import Deconvnet
-from ..scan import spatial_max
 from ..models import channels_last
+from ..scan import spatial_max
 from . import _common
 
 
