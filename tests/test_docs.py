@@ -73,6 +73,15 @@ def test_readme_python_example_runs_and_projects_inside_the_receptive_field(monk
     assert (pixels[0][:, y0:y1, x0:x1] != 0).any()
 
 
+DOC_EXAMPLES = [(page, i) for page in PAGES[1:] for i, _ in enumerate(python_blocks(page.read_text(encoding="utf-8")))]
+
+
+@pytest.mark.parametrize("page, index", DOC_EXAMPLES, ids=[f"{p.name}-{i}" for p, i in DOC_EXAMPLES])
+def test_docs_python_examples_run(page, index, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    exec(compile(python_blocks(page.read_text(encoding="utf-8"))[index], f"{page.name} (python block {index})", "exec"), {})
+
+
 def load_cli_reference():
     spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
     module = importlib.util.module_from_spec(spec)
