@@ -23,9 +23,9 @@ from typing import Dict, List
 import torch
 import torch.utils.benchmark as benchmark
 
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels import models
-from zfkernels.diagnostics import _common
+from zfkernels.diagnostics import common
 from zfkernels.diagnostics.occlusion import grid_boxes, occlusion_grid, occlusion_maps, strongest_map
 from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
@@ -35,7 +35,7 @@ TARGET = 0  # tench
 
 def loop_maps(model: torch.nn.Module, image: torch.Tensor, layer: str, channel: int, size: int, stride: int) -> Dict[str, torch.Tensor]:
     """The reference: one forward pass per occluder position, the square written in place."""
-    extractor = _common.FeatureExtractor(model)
+    extractor = common.FeatureExtractor(model)
     rows, cols = occlusion_grid(image.shape[-2], image.shape[-1], size, stride)
     totals, probabilities, classes = [], [], []
     for x0, y0, x1, y1 in grid_boxes(rows, cols).tolist():
@@ -54,7 +54,7 @@ def loop_maps(model: torch.nn.Module, image: torch.Tensor, layer: str, channel: 
 def run(device: torch.device, arch: str, size: int, stride: int, batch_sizes: List[int], min_run_time: float) -> List[Dict[str, object]]:
     model = models.build(arch, seed=0).eval().to(device)
     image = data_mod.normalize(data_mod.load_crop(SHARED_IMAGES / IMAGE).unsqueeze(0))[0].to(device)
-    layer = _common.paper_layers(model).layer5
+    layer = common.paper_layers(model).layer5
     channel = strongest_map(model, image, layer).channel
     rows, cols = occlusion_grid(224, 224, size, stride)
     positions = rows.shape[0] * cols.shape[0]

@@ -29,7 +29,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import zfkernels
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels import models
 from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 

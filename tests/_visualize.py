@@ -22,9 +22,9 @@ import torch.nn as nn
 from PIL import Image
 
 from zfkernels import cli
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels.deconvnet import Deconvnet
-from zfkernels.scan import ScanPlan
+from zfkernels.job.scan import ScanPlan
 
 from _images import load as load_pillow
 
@@ -174,7 +174,7 @@ def brute_force_topk(model: nn.Module, root: Path, files: Sequence[str], layers:
 def jpeg_decoding_device(device: str) -> torch.device:
     """``device`` for the batched JPEG decoding path, skipping on a GPU torchvision cannot
     decode JPEGs on (the CPU decodes the same batches with libjpeg: the GPU's code path)."""
-    from zfkernels import data as data_mod
+    from zfkernels.job import data as data_mod
 
     device = torch.device(device)
     if device.type == "cuda" and not data_mod.gpu_jpeg_available(device):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from zfkernels import cli
-from zfkernels.cliutil import CliError
+from zfkernels.errors import UsageError
 from zfkernels.diagnostics.correspondence import (
     correspondence,
     crop_box,
@@ -140,7 +140,7 @@ def test_bad_parts_files(tmp_path, document, message):
     path = _write(tmp_path, document)
     from pathlib import Path
 
-    with pytest.raises(CliError) as error:
+    with pytest.raises(UsageError) as error:
         read_parts(path, [Path("x/a.jpg"), Path("y/b.jpg")], [(640, 480), (640, 480)])
     assert message in str(error.value) and str(path) in str(error.value)
 

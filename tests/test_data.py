@@ -1,4 +1,4 @@
-"""Image folders (``zfkernels.data``): discovery, decoding of odd files to RGB, failures, the
+"""Image folders (``zfkernels.job.data``): discovery, decoding of odd files to RGB, failures, the
 uint8 evaluation transform against torchvision's, and the DataLoader."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 
 from _images import RESIZE_CROP, load
 from _visualize import GRAYSCALE, REAL, jpeg_bytes, jpeg_decoding_device, photo, write_broken_files, write_photo
@@ -338,7 +338,7 @@ def test_decoding_workers_run_at_a_lower_priority():
     import subprocess
     import sys
 
-    probe = ("import os, signal; from zfkernels import data; before = os.nice(0); data._worker_init(0); "
+    probe = ("import os, signal; from zfkernels.job import data; before = os.nice(0); data._worker_init(0); "
              "print(os.nice(0) - before, signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "
              "signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from zfkernels import cli
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels import models
-from zfkernels.diagnostics import _common
+from zfkernels.diagnostics import common
 from zfkernels.diagnostics.evolution import feature_evolution, montage
 
 from _images import load
@@ -47,7 +47,7 @@ def test_strongest_activation_per_checkpoint(folder):
     result = feature_evolution(iter(checkpoints), images, channels, torch.device("cpu"), batch_size=3)
     assert result.projections["conv1"].shape[:2] == (2, 3) and result.projections["conv3"].shape[:2] == (1, 3)
     crops = load(folder, images.files)  # torchvision's evaluation transform
-    activations = [_common.FeatureExtractor(model)(crops, list(channels)) for model in checkpoints[:2]]
+    activations = [common.FeatureExtractor(model)(crops, list(channels)) for model in checkpoints[:2]]
     for layer, picked in channels.items():
         for j, channel in enumerate(picked.tolist()):
             for k, acts in enumerate(activations):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from zfkernels import cli, models
-from zfkernels.cliutil import CliError
-from zfkernels.diagnostics._common import FeatureExtractor, paper_layers
+from zfkernels.errors import UsageError
+from zfkernels.diagnostics.common import FeatureExtractor, paper_layers
 from zfkernels.diagnostics.filters import filter_grid, first_conv, layer2_sheet, normalise_filters, parse_compare
 
 from _visualize import brute_force_topk, real_folder
@@ -72,7 +72,7 @@ def test_compare_argument():
     assert parse_compare("alexnet").arch == "alexnet" and parse_compare("alexnet").weights is None
     assert parse_compare("alexnet:torchvision").weights == "torchvision"
     assert parse_compare("vgg16:/w/v.pth").weights == "/w/v.pth"
-    with pytest.raises(CliError, match="--compare: unknown architecture 'resnet'"):
+    with pytest.raises(UsageError, match="--compare: unknown architecture 'resnet'"):
         parse_compare("resnet:x.pth")
 
 

@@ -1,4 +1,4 @@
-"""The gallery (``zfkernels.gallery``) of a real ``zfk visualize`` run over hostile file names:
+"""The gallery (``zfkernels.job.gallery``) of a real ``zfk visualize`` run over hostile file names:
 escaping in every page, ``topk.json`` round trips, ``skipped.txt`` one line per entry, the cell
 layout, links that stay inside the output folder, and nothing written outside it."""
 
@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from zfkernels import gallery
+from zfkernels.job import gallery
 
 from _visualize import html_pages, jpeg_bytes, read_topk, visualize, write_photo, zfk
 
@@ -179,7 +179,7 @@ def test_topk_document_writes_a_nan_map_as_null():
 
     import torch
 
-    from zfkernels.scan import LayerTop
+    from zfkernels.job.topk import LayerTop
 
     top = LayerTop.empty(torch.tensor([4]), 3, (2, 5), torch.device("cpu"))
     top.merge(torch.tensor([[2.5, -math.inf]]), torch.tensor([[1, 0]]), torch.tensor([[7, 3]]))

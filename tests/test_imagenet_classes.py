@@ -8,41 +8,46 @@ from pathlib import Path
 
 import pytest
 
-from zfkernels.cliutil import CliError
-from zfkernels.diagnostics import _common
+from zfkernels.errors import UsageError
+from zfkernels.diagnostics import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_synset_list_is_the_sorted_1000_classes():
-    synsets = _common.imagenet_synsets()
+    synsets = common.imagenet_synsets()
     assert len(synsets) == 1000
     assert len(set(synsets)) == 1000
     assert list(synsets) == sorted(synsets)
     assert all(re.fullmatch(r"n\d{8}", s) for s in synsets)
     assert synsets[0] == "n01440764"  # class 0 is the tench
-    assert len(_common.class_names()) == 1000
-    assert _common.class_name(0) == "tench"
+    assert len(common.class_names()) == 1000
+    assert common.class_name(0) == "tench"
 
 
 def test_synset_list_is_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from setuptools import find_packages
+
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "zfkernels.diagnostics" in config["packages"]
+    # Every sub-package (each folder with an __init__.py) is found by the packaging rule.
+    packaged = set(find_packages(str(ROOT), include=config["packages"]["find"]["include"]))
+    subpackages = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "zfkernels").rglob("__init__.py")}
+    assert "zfkernels.diagnostics" in subpackages and subpackages <= packaged
     assert "imagenet_synsets.txt" in config["package-data"]["zfkernels.diagnostics"]
     assert (ROOT / "zfkernels" / "diagnostics" / "imagenet_synsets.txt").is_file()
 
 
 def test_every_sample_synset_is_listed_and_named_as_torchvision_names_it(shared_images):
-    synsets = _common.imagenet_synsets()
-    names = _common.class_names()
+    synsets = common.imagenet_synsets()
+    names = common.class_names()
     files = sorted(p for p in shared_images.iterdir() if p.suffix == ".JPEG")
     assert len(files) == 800
     mismatches = []
     for path in files:
         wnid, _, name = path.stem.partition("_")
         assert wnid in synsets, path.name
-        assert _common.synset_of(path) == wnid
+        assert common.synset_of(path) == wnid
         index = synsets.index(wnid)
         if names[index].lower() != name.replace("_", " ").lower():
             mismatches.append((path.name, names[index]))
@@ -50,13 +55,13 @@ def test_every_sample_synset_is_listed_and_named_as_torchvision_names_it(shared_
 
 
 def test_labels_from_names_folders_and_overrides(tmp_path):
-    assert _common.synset_of(Path("val/n01443537/ILSVRC2012_val_00000001.JPEG")) == "n01443537"
-    assert _common.synset_of(Path("n01443537_10007.JPEG")) == "n01443537"
-    assert _common.synset_of(Path("photo.jpg")) is None
-    assert _common.true_classes([Path("a/n01443537_goldfish.JPEG")], None) == [1]
-    assert _common.true_classes([Path("x.jpg"), Path("y.jpg")], ["n01443537"]) == [1, 1]
-    assert _common.true_classes([Path("x.jpg"), Path("y.jpg")], ["5", "n01440764"]) == [5, 0]
-    assert _common.parse_label("281") == 281
+    assert common.synset_of(Path("val/n01443537/ILSVRC2012_val_00000001.JPEG")) == "n01443537"
+    assert common.synset_of(Path("n01443537_10007.JPEG")) == "n01443537"
+    assert common.synset_of(Path("photo.jpg")) is None
+    assert common.true_classes([Path("a/n01443537_goldfish.JPEG")], None) == [1]
+    assert common.true_classes([Path("x.jpg"), Path("y.jpg")], ["n01443537"]) == [1, 1]
+    assert common.true_classes([Path("x.jpg"), Path("y.jpg")], ["5", "n01440764"]) == [5, 0]
+    assert common.parse_label("281") == 281
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -66,12 +71,12 @@ def test_labels_from_names_folders_and_overrides(tmp_path):
     (["1", "2", "3"], "one label for all images or one per image"),
 ])
 def test_bad_labels(labels, message):
-    with pytest.raises(CliError, match=message):
-        _common.true_classes([Path("x.jpg"), Path("y.jpg")], labels)
+    with pytest.raises(UsageError, match=message):
+        common.true_classes([Path("x.jpg"), Path("y.jpg")], labels)
 
 
 def test_a_file_without_synset_needs_a_label():
-    with pytest.raises(CliError, match="photo.jpg: no ImageNet synset.*--label"):
-        _common.true_classes([Path("photo.jpg")], None)
-    with pytest.raises(CliError, match="not one of the 1000 ImageNet classes"):
-        _common.true_classes([Path("n00000001_thing.jpg")], None)
+    with pytest.raises(UsageError, match="photo.jpg: no ImageNet synset.*--label"):
+        common.true_classes([Path("photo.jpg")], None)
+    with pytest.raises(UsageError, match="not one of the 1000 ImageNet classes"):
+        common.true_classes([Path("n00000001_thing.jpg")], None)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from zfkernels import cli
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels.diagnostics.invariance import invariance_curves, resized, transform_images, window_origin
 
 

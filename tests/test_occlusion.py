@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from zfkernels import cli, models
-from zfkernels.diagnostics import _common
+from zfkernels.diagnostics import common
 from zfkernels.diagnostics.occlusion import occlusion_grid, occlusion_maps, project_strongest, strongest_map
 
 
@@ -137,10 +137,10 @@ def test_strongest_map_and_its_projection():
 
 
 def test_fill_values():
-    assert torch.equal(_common.fill_value("mean"), torch.zeros(3))
-    grey = _common.fill_value("grey")
-    torch.testing.assert_close(grey, (128 / 255 - torch.tensor(_common.data_mod.IMAGENET_MEAN)) / torch.tensor(_common.data_mod.IMAGENET_STD))
-    assert torch.equal(_common.fill_value("128"), grey)
+    assert torch.equal(common.fill_value("mean"), torch.zeros(3))
+    grey = common.fill_value("grey")
+    torch.testing.assert_close(grey, (128 / 255 - torch.tensor(common.data_mod.IMAGENET_MEAN)) / torch.tensor(common.data_mod.IMAGENET_STD))
+    assert torch.equal(common.fill_value("128"), grey)
 
 
 def test_command_on_a_real_photograph(shared_images, tmp_path, capsys):
@@ -159,7 +159,7 @@ def test_command_on_a_real_photograph(shared_images, tmp_path, capsys):
     assert document["grid"]["rows"][0] == [0, 58]
     # The unoccluded image's strongest conv5 map and class probabilities, computed on their own.
     model = models.zfnet(seed=0).eval()
-    image = _common.data_mod.normalize(_common.data_mod.load_crop(odd).unsqueeze(0))[0]
+    image = common.data_mod.normalize(common.data_mod.load_crop(odd).unsqueeze(0))[0]
     strongest = strongest_map(model, image, "conv5")
     assert entry["strongest"]["channel"] == strongest.channel and entry["strongest"]["value"] == strongest.value
     assert (entry["strongest"]["y"], entry["strongest"]["x"]) == (strongest.y, strongest.x)

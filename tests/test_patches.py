@@ -1,4 +1,4 @@
-"""Pass 2 (``zfkernels.patches``): every gallery tile against an independent reference. The
+"""Pass 2 (``zfkernels.job.project``): every gallery tile against an independent reference. The
 patch is the image's own pixels over the whole (unclipped) receptive field, grey outside the
 image; the projection is the float64 autograd oracle's, cut out the same way and scaled for
 display (zero at mid-grey, the largest magnitude at full scale). Two layers: conv1, whose 7-pixel
@@ -15,8 +15,8 @@ from PIL import Image
 
 from zfkernels import models
 from zfkernels.deconvnet import Deconvnet
-from zfkernels.patches import project_selections
-from zfkernels.scan import run_scan
+from zfkernels.job.project import project_selections
+from zfkernels.job.scan import run_scan
 
 from _images import EVAL_TRANSFORM, RESIZE_CROP
 from _oracle import oracle

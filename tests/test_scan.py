@@ -1,4 +1,4 @@
-"""Pass 1 (``zfkernels.scan``): the running top-K against brute-force Python sorts, the spatial
+"""Pass 1 (``zfkernels.job.scan``): the running top-K against brute-force Python sorts, the spatial
 max against a direct argmax, the scan of real photographs against an independent forward, and
 checkpoints."""
 
@@ -13,9 +13,11 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from zfkernels import data as data_mod
+from zfkernels.job import data as data_mod
 from zfkernels import models
-from zfkernels.scan import EMPTY, LayerTop, ScanState, Scanner, merge_states, run_scan, select_top, spatial_max
+from zfkernels.job.topk import EMPTY, LayerTop, merge_states, select_top, spatial_max
+from zfkernels.job.checkpoint import ScanState
+from zfkernels.job.scan import Scanner, run_scan
 
 from _visualize import REAL, brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, scan_plan, torchvision_decoded
 
@@ -62,13 +64,13 @@ def test_select_top_equals_a_python_sort(k, device):
 def test_select_top_counts_ranks_in_row_chunks_like_in_one(device, monkeypatch):
     """The rank counting is split into chunks of rows to bound its memory; any split gives the
     same selection (here: one row per chunk, and three)."""
-    from zfkernels import scan
+    from zfkernels.job import topk
 
     g = torch.Generator().manual_seed(11)
     values, images, positions = random_candidates(g, 7, 30, 90)
     want = [python_top(row, 10) for row in rows_of(values, images, positions)]
     for budget in (1, 3 * 30 * 30):
-        monkeypatch.setattr(scan, "RANK_BUDGET", budget)
+        monkeypatch.setattr(topk, "RANK_BUDGET", budget)
         assert rows_on_cpu(*select_top(*on(device, values, images, positions), 10)) == want
 
 
@@ -307,7 +309,7 @@ def test_a_signal_during_the_final_checkpoint_write_stops_after_it(tmp_path, zfn
     import os
     import signal
 
-    from zfkernels.scan import ScanInterrupted
+    from zfkernels.job.scan import ScanInterrupted
 
     root = photo_folder(tmp_path / "data", 4)
     plan = scan_plan(root, ["conv1"], {"conv1": torch.tensor([0, 1])}, top=2, batch_size=2)

@@ -21,7 +21,7 @@ from PIL import Image
 
 import zfkernels
 from zfkernels import models
-from zfkernels.scan import CHECKPOINT_VERSION, ScanState
+from zfkernels.job.checkpoint import CHECKPOINT_VERSION, ScanState
 
 from conftest import CUDA_REASON
 from _visualize import (REAL, REPO, brute_force_topk, jpeg_decoding_device, photo, photo_folder, read_topk, real_folder,

@@ -7,15 +7,10 @@ kernels for tracing.
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch before the extension links against it)
-
-from . import _C  # noqa: F401  (registers torch.ops.zfkernels.*)
-from . import _autograd  # noqa: F401  (backward through the ops raises)
-from . import _fake  # noqa: F401  (registers the fake kernels)
-from ._build import build_info, has_cuda
-from .ops import maxpool_switches, project, switches_to_indices, unpool
+from . import ops  # loads the compiled extension: registers torch.ops.zfkernels.*
 from . import models
 from .deconvnet import Deconvnet, Recording
+from .ops import build_info, has_cuda, maxpool_switches, project, reference, switches_to_indices, unpool
 
 __all__ = [
     "Deconvnet",
@@ -24,7 +19,9 @@ __all__ = [
     "has_cuda",
     "maxpool_switches",
     "models",
+    "ops",
     "project",
+    "reference",
     "switches_to_indices",
     "unpool",
 ]

@@ -310,10 +310,10 @@ class Deconvnet:
         map_h, map_w = act.shape[-2:]
         if positions is None:
             signal = act[rows, channels].unsqueeze(1)  # whole maps: (B, 1, h, w)
-            box = _Box.whole(batch, map_h, map_w, act.device)
+            box = Box.whole(batch, map_h, map_w, act.device)
         else:
             signal = act[rows, channels, positions[:, 0], positions[:, 1]].view(batch, 1, 1, 1)
-            box = _Box(positions[:, 0].clone(), positions[:, 1].clone(), 1, 1, uniform=False)
+            box = Box(positions[:, 0].clone(), positions[:, 1].clone(), 1, 1, uniform=False)
         i = top
         first = True
         while i >= 0:
@@ -331,7 +331,7 @@ class Deconvnet:
                 if fuse:
                     i -= 1  # the ReLU below was applied in the same pass
             elif stage.kind == "norm" and mode != "deconvnet":
-                signal = _norm_backward(stage.module, _crop(rec.norm_inputs[i], rows, box), signal)
+                signal = _norm_backward(stage.module, crop(rec.norm_inputs[i], rows, box), signal)
             i -= 1
         return box.paste(signal, rec.images_shape[-2:])
 
@@ -339,7 +339,7 @@ class Deconvnet:
 # -- the steps, on a box per selection ---------------------------------------------------------
 
 
-class _Box:
+class Box:
     """Per-selection origins (y0, x0) on the current map and the common size (h, w)."""
 
     def __init__(self, y0: torch.Tensor, x0: torch.Tensor, h: int, w: int, uniform: bool) -> None:
@@ -347,19 +347,19 @@ class _Box:
         self.uniform = uniform  # every selection has the same origin (whole-map projections)
 
     @classmethod
-    def whole(cls, batch: int, h: int, w: int, device: torch.device) -> "_Box":
+    def whole(cls, batch: int, h: int, w: int, device: torch.device) -> "Box":
         zero = torch.zeros(batch, dtype=torch.int64, device=device)
         return cls(zero, zero, h, w, uniform=True)
 
     def is_map(self, size: Tuple[int, int]) -> bool:
         return self.uniform and (self.h, self.w) == tuple(size) and (self.y0.numel() == 0 or int(self.y0[0]) == 0 and int(self.x0[0]) == 0)
 
-    def down(self, window: Window) -> "_Box":
+    def down(self, window: Window) -> "Box":
         y0 = self.y0 * window.stride[0] - window.padding[0]
         x0 = self.x0 * window.stride[1] - window.padding[1]
         h = (self.h - 1) * window.stride[0] + window.kernel[0]
         w = (self.w - 1) * window.stride[1] + window.kernel[1]
-        return _Box(y0, x0, h, w, self.uniform)
+        return Box(y0, x0, h, w, self.uniform)
 
     def grid(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Map coordinates of the box's rows (B, h) and columns (B, w)."""
@@ -374,14 +374,14 @@ class _Box:
         valid_x = (xs >= 0) & (xs < size[1])
         return (valid_y[:, None, :, None] & valid_x[:, None, None, :]).to(dtype)
 
-    def clip(self, signal: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, "_Box"]:
+    def clip(self, signal: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, "Box"]:
         """Drop what fell off the map: crop when every selection shares the box, else zero it."""
         if self.uniform and self.y0.numel():
             y0, x0 = int(self.y0[0]), int(self.x0[0])
             top, left = max(0, -y0), max(0, -x0)
             bottom, right = min(self.h, size[0] - y0), min(self.w, size[1] - x0)
             signal = signal[:, :, top:bottom, left:right]
-            box = _Box(self.y0 + top, self.x0 + left, bottom - top, right - left, uniform=True)
+            box = Box(self.y0 + top, self.x0 + left, bottom - top, right - left, uniform=True)
             return signal, box
         return signal * self.inside(size, signal.dtype), self
 
@@ -403,7 +403,7 @@ class _Box:
         return out.view(batch, channels, size[0], size[1])
 
 
-def _crop(tensor: torch.Tensor, rows: torch.Tensor, box: _Box) -> torch.Tensor:
+def crop(tensor: torch.Tensor, rows: torch.Tensor, box: Box) -> torch.Tensor:
     """``tensor[rows]`` restricted to each selection's box (clamped outside the map)."""
     if box.is_map(tensor.shape[-2:]):
         return tensor[rows]
@@ -416,45 +416,45 @@ def _crop(tensor: torch.Tensor, rows: torch.Tensor, box: _Box) -> torch.Tensor:
 
 def _project(
     signal: torch.Tensor,
-    box: _Box,
+    box: Box,
     weight: torch.Tensor,
     window: Window,
     below: Tuple[int, int],
     channels: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, _Box]:
+) -> Tuple[torch.Tensor, Box]:
     if box.is_map((signal.shape[-2], signal.shape[-1])) and box.uniform:
         # Whole maps: the layer's own padding, and output_size lands exactly on the map below.
         out = ops.project(signal, weight, window.stride, window.padding, below, channels=channels)
-        return out, _Box.whole(signal.shape[0], below[0], below[1], signal.device)
+        return out, Box.whole(signal.shape[0], below[0], below[1], signal.device)
     out = ops.project(signal, weight, window.stride, 0, channels=channels)
     return box.down(window).clip(out, below)
 
 
 def _unpool(
     signal: torch.Tensor,
-    box: _Box,
+    box: Box,
     switches: torch.Tensor,
     rows: torch.Tensor,
     window: Window,
     below: Tuple[int, int],
     rectify: bool,
-) -> Tuple[torch.Tensor, _Box]:
+) -> Tuple[torch.Tensor, Box]:
     if box.is_map(switches.shape[-2:]):
         # Whole maps: every selection reads its image's switches in place (rows=), no copies.
         out = ops.unpool(signal, switches, below, window.kernel, window.stride, window.padding, rows=rows, rectify=rectify)
-        return out, _Box.whole(signal.shape[0], below[0], below[1], signal.device)
+        return out, Box.whole(signal.shape[0], below[0], below[1], signal.device)
     # A box of windows: its switches (a few bytes per selection) unpool as a padding-free
     # pooling of the box's own pixels; switch offsets are relative to their window, so they
     # hold unchanged. Windows off the map carry zero signal; their switch 0 adds nothing.
     off_map = ~box.inside(switches.shape[-2:], torch.bool)
-    crop = _crop(switches, rows, box).masked_fill(off_map, 0).contiguous()
+    box_switches = crop(switches, rows, box).masked_fill(off_map, 0).contiguous()
     size = ((box.h - 1) * window.stride[0] + window.kernel[0], (box.w - 1) * window.stride[1] + window.kernel[1])
-    out = ops.unpool(signal, crop, size, window.kernel, window.stride, 0, rectify=rectify)
+    out = ops.unpool(signal, box_switches, size, window.kernel, window.stride, 0, rectify=rectify)
     return box.down(window).clip(out, below)
 
 
-def _forward_mask(activation: torch.Tensor, rows: torch.Tensor, box: _Box) -> torch.Tensor:
-    return _crop(activation, rows, box) > 0
+def _forward_mask(activation: torch.Tensor, rows: torch.Tensor, box: Box) -> torch.Tensor:
+    return crop(activation, rows, box) > 0
 
 
 def _rectify(signal: torch.Tensor, mode: str, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -197,3 +197,9 @@ def load_weights(model: nn.Module, weights: Union[str, Path], arch: str) -> nn.M
         raise ValueError("; ".join(parts))
     model.load_state_dict(state)
     return model
+
+
+def untrained_warning(arch: str, seed: int) -> str:
+    """The loud warning shown wherever a seeded random (untrained) network is used."""
+    return (f"WARNING: no --weights given: using a seeded random {arch} (seed {seed}). It is UNTRAINED: the pictures "
+            f"show what random filters respond to, not learned features. Pass --weights PATH for a trained network.")

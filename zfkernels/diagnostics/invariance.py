@@ -21,7 +21,6 @@ The identity (0, 1, 0) is the plain centre crop. The distance at a layer is
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import data as data_mod
-from .. import gallery
-from ..cliutil import CliError, add_model_options, load_model, prepare_out, progress_bar, resolve_device, say
+from ..errors import UsageError
+from ..job import data as data_mod
 from ..models import channels_last
-from . import _common
+from . import common
 
 TRANSFORMS = ("translate", "scale", "rotate")
 IDENTITY = {"translate": 0.0, "scale": 1.0, "rotate": 0.0}
@@ -55,7 +53,7 @@ def resized(path: Path) -> torch.Tensor:
     image = data_mod.decode(path)
     w, h = image.size
     if max(w, h) > data_mod.EXTREME_ASPECT * min(w, h):
-        raise CliError(f"{path}: an aspect ratio above {data_mod.EXTREME_ASPECT:g} is too elongated to transform")
+        raise UsageError(f"{path}: an aspect ratio above {data_mod.EXTREME_ASPECT:g} is too elongated to transform")
     return data_mod.to_chw_uint8(TF.resize(image, data_mod.RESIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True))
 
 
@@ -141,7 +139,7 @@ def invariance_curves(
     """The curves of Figure 5 for each normalised resized image ``(3, h, w)`` (on the model's
     device) and its true class: every transformed copy goes through the network, ``batch_size``
     at a time."""
-    extractor = _common.FeatureExtractor(model)
+    extractor = common.FeatureExtractor(model)
     extractor.check(layers)
     taps = list(layers) + ["logits"]
     distance = {layer: [] for layer in layers}
@@ -152,7 +150,7 @@ def invariance_curves(
         for image, target in zip(images, targets):
             # The untransformed image rides in the same batches as its copies (row 0).
             copies = transform_images(image, transform, [IDENTITY[transform]] + list(values))
-            every = _common.forward_batched(extractor, copies, taps, batch_size)
+            every = common.forward_batched(extractor, copies, taps, batch_size)
             features = {name: value[1:] for name, value in every.items()}
             for layer in layers:
                 f0 = every[layer][:1].flatten(1).double()
@@ -182,13 +180,13 @@ def render(path: Path, curves: InvarianceCurves, example: torch.Tensor, names: S
     """Figure 5's row for one transform: examples of the first image, the two distance curves
     and the true-class probability, one curve per image."""
     shown = sorted(set(np.linspace(0, len(curves.values) - 1, min(5, len(curves.values))).round().astype(int).tolist()))
-    fig = _common.new_figure(20, 4.4)
+    fig = common.new_figure(20, 4.4)
     grid = fig.add_gridspec(1, 4, width_ratios=[1.3, 1, 1, 1])
     strip = fig.add_subfigure(grid[0]).subplots(1, len(shown))
     strip = np.atleast_1d(strip)
     pixels = data_mod.denormalize(example[shown])
     for ax, k, picture in zip(strip, shown, pixels):
-        ax.imshow(_common.to_hwc(picture))
+        ax.imshow(common.to_hwc(picture))
         ax.set_title(f"{curves.values[k]:g}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -198,111 +196,10 @@ def render(path: Path, curves: InvarianceCurves, example: torch.Tensor, names: S
               "(d) p(true class)"]
     for ax, data, title in zip(panels, series, titles):
         for n, name in enumerate(names):
-            ax.plot(curves.values, data[n].numpy(), marker=".", label=_common.plain(name[:40]))
+            ax.plot(curves.values, data[n].numpy(), marker=".", label=common.plain(name[:40]))
         ax.set_xlabel(UNITS[curves.transform])
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     panels[2].set_ylim(bottom=0)
     panels[2].legend(fontsize=7, loc="best")
-    _common.save_figure(fig, path)
-
-
-DESCRIPTION = """\
-Invariance (the paper's Section 4, Figure 5). Each image is translated vertically, scaled and
-rotated (--transform picks which; --values overrides one sweep); for every transformed copy,
-the relative Euclidean distance of its layer-1 (first conv) and layer-7 (fc7) features from the
-original's, and the probability of the true class (the synset in the file name, or --label).
-Writes --out/invariance/: a PNG per transform, invariance.json and index.html.
-"""
-
-
-def _values(text: str) -> List[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CliError(f"--values: {text!r} is not a comma-separated list of numbers") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise CliError(f"--values: {text!r} is not a comma-separated list of finite numbers")
-    return values
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``invariance`` to ``zfk``'s sub-commands."""
-    parser = subparsers.add_parser("invariance", help="feature distances and class probability under transformations (Figure 5)",
-                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    add_model_options(parser)
-    parser.add_argument("--transform", nargs="+", choices=TRANSFORMS, default=list(TRANSFORMS),
-                        help="which sweeps (default: all three)")
-    parser.add_argument("--values", metavar="LIST",
-                        help="comma-separated sweep values for a single --transform (defaults: translate -60..60 "
-                             "step 10 pixels, scale 1.0..1.8 step 0.1, rotate 0..350 step 10 degrees); a list that starts with a minus "
-                             "needs the = form: --values=-30,0,30")
-    _common.add_label_option(parser)
-    _common.finish_parser(parser, run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``zfk invariance``; returns the exit status."""
-    device = resolve_device(args.device)
-    transforms = list(dict.fromkeys(args.transform))
-    sweeps = {t: DEFAULT_VALUES[t] for t in transforms}
-    if args.values is not None:
-        if len(transforms) != 1:
-            raise CliError("--values: give exactly one --transform with it")
-        sweeps[transforms[0]] = _values(args.values)
-        if transforms[0] == "translate" and not all(v.is_integer() for v in sweeps["translate"]):
-            raise CliError("--values: translations are whole pixels")
-        if transforms[0] == "scale" and min(sweeps["scale"]) <= 0:
-            raise CliError("--values: scales must be positive")
-    files = _common.check_files_exist(args.images, "IMAGE")
-    targets = _common.true_classes(files, args.label)
-    pictures = []
-    for path in files:
-        try:
-            pictures.append(resized(path))
-        except CliError:
-            raise
-        except Exception as error:
-            raise CliError(f"IMAGE: cannot read {path} ({data_mod.describe_error(error)})") from None
-    model = load_model(args.arch, args.weights, args.seed, device)
-    _common.warn_untrained(args)
-    paper = _common.paper_layers(model)
-    layers = [paper.layer1, paper.layer7]
-    out = prepare_out(Path(args.out))
-    folder = _common.subfolder(out, "invariance")
-    images = [data_mod.normalize(p.unsqueeze(0))[0].to(device) for p in pictures]
-    names = [f.name for f in files]
-    total = sum(len(v) for v in sweeps.values()) * len(files)
-    bar = progress_bar(total, "invariance", "copy", args.quiet)
-    results: Dict[str, InvarianceCurves] = {}
-    try:
-        for transform, values in sweeps.items():
-            curves = invariance_curves(model, images, targets, transform, values, layers, batch_size=args.batch_size,
-                                       progress=bar)
-            results[transform] = curves
-            example = transform_images(images[0], transform, values).cpu()
-            render(folder / f"{transform}.png", curves, example, names,
-                   [f"layer 1 ({layers[0]})", f"layer 7 ({layers[1]})"])
-    finally:
-        bar.close()
-    document = {
-        "command": "invariance", "model": _common.model_description(args), "layers": {"1": layers[0], "7": layers[1]},
-        "images": [{"image": str(f), "true_class": t, "name": _common.class_name(t)} for f, t in zip(files, targets)],
-        "distance": "||f(x) - f(Tx)|| / ||f(x)|| (Euclidean, post-ReLU features; null when ||f(x)|| = 0)",
-        "transforms": {t: {"values": c.values, "distance": c.distance, "raw_distance": c.raw_distance,
-                           "feature_norm": c.norm, "p_true": c.probability} for t, c in results.items()},
-    }
-    _common.write_json(folder / "invariance.json", document)
-    sections = [f"<h2>{gallery.text(UNITS[t])}</h2>" + _common.figure_html(f"{t}.png", f"invariance to {t}") for t in results]
-    body = (
-        f"{_common.model_header(args)}\n<p>Images: "
-        + ", ".join(f"{gallery.text(n)} (class {t} {gallery.text(_common.class_name(t))})" for n, t in zip(names, targets))
-        + f". Distances ‖f(x) − f(Tx)‖ / ‖f(x)‖ of the post-ReLU features of layer 1 ({gallery.text(layers[0])}) and "
-        f"layer 7 ({gallery.text(layers[1])}); transforms act on the image resized to short side 256, then the centre "
-        f"224×224 window is taken, the ImageNet mean pixel filling what comes from outside. Left of each row: the "
-        f"first image at a few values of the sweep. The numbers: <a href=\"invariance.json\">invariance.json</a>.</p>\n"
-        + "\n".join(sections))
-    _common.write_page(out, "invariance", body)
-    say(f"invariance: {len(files)} image(s), {', '.join(results)} -> {folder / 'index.html'}", args.quiet)
-    return 0
+    common.save_figure(fig, path)

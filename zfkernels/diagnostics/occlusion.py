@@ -12,22 +12,18 @@ and every pixel is covered by some square.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import data as data_mod
-from .. import gallery
-from ..cliutil import CliError, add_model_options, load_model, positive_int, prepare_out, progress_bar, resolve_device, say
 from ..deconvnet import Deconvnet
+from ..job.topk import spatial_max
 from ..models import channels_last
-from ..scan import spatial_max
-from . import _common
+from . import common
 
 
 def occlusion_grid(height: int, width: int, size: int, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +86,7 @@ def occlusion_maps(
         raise ValueError(f"occlusion_maps: image must be (3, H, W), got {tuple(image.shape)}")
     if batch_size < 1:
         raise ValueError(f"occlusion_maps: batch_size must be positive, got {batch_size}")
-    extractor = _common.FeatureExtractor(model)
+    extractor = common.FeatureExtractor(model)
     extractor.check([layer])
     fill = torch.zeros(3) if fill is None else fill
     height, width = image.shape[-2:]
@@ -109,12 +105,12 @@ def occlusion_maps(
                          torch.cat(top_classes).view(shape).cpu(), torch.cat(top_probabilities).view(shape).cpu())
 
 
-def _occlusion_batch(extractor: _common.FeatureExtractor, image: torch.Tensor, part: torch.Tensor, fill: torch.Tensor,
+def _occlusion_batch(extractor: common.FeatureExtractor, image: torch.Tensor, part: torch.Tensor, fill: torch.Tensor,
                      layer: str, channel: int, target: int, out: Tuple[List[torch.Tensor], ...]) -> None:
     """One batch of occluded copies: append their map totals, p(target), top classes and their
     probabilities to the four lists of ``out``."""
     totals, probabilities, top_classes, top_probabilities = out
-    copies = _common.occlude(image.unsqueeze(0).expand(part.shape[0], -1, -1, -1), part, fill)
+    copies = common.occlude(image.unsqueeze(0).expand(part.shape[0], -1, -1, -1), part, fill)
     features = extractor(copies, [layer, "logits"])
     logits = features["logits"].float()
     if not 0 <= target < logits.shape[1]:
@@ -142,7 +138,7 @@ class Strongest:
 
 def strongest_map(model: nn.Module, image: torch.Tensor, layer: str) -> Strongest:
     """:class:`Strongest` of ``layer`` for one normalised ``(3, H, W)`` image."""
-    return strongest_of(_common.FeatureExtractor(model)(image.unsqueeze(0), [layer])[layer])
+    return strongest_of(common.FeatureExtractor(model)(image.unsqueeze(0), [layer])[layer])
 
 
 def strongest_of(act: torch.Tensor) -> Strongest:
@@ -194,27 +190,27 @@ def render(path: Path, example: torch.Tensor, name: str, maps: OcclusionMaps, st
 
     height, width = example.shape[-2:]
     extent = (0, width, height, 0)  # map cells drawn over the image pixels they stand for
-    fig = _common.new_figure(22, 5.2)
+    fig = common.new_figure(22, 5.2)
     axes = fig.subplots(1, 5)
     a, b, c, d, e = axes
-    a.imshow(_common.to_hwc(example))
-    a.set_title(f"(a) {_common.plain(name)}\ntrue class: {_common.class_name(maps.target)}", fontsize=9)
+    a.imshow(common.to_hwc(example))
+    a.set_title(f"(a) {common.plain(name)}\ntrue class: {common.class_name(maps.target)}", fontsize=9)
     im = b.imshow(maps.activation.numpy(), extent=extent, cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=b, shrink=0.8)
     b.set_title(f"(b) total activation of {maps.layer} map {maps.channel}\n(unoccluded: {strongest.total:.4g})", fontsize=9)
-    c.imshow(_common.display_projection(projection))
+    c.imshow(common.display_projection(projection))
     fx0, fy0, fx1, fy1 = field
     c.add_patch(Rectangle((fx0, fy0), fx1 - fx0, fy1 - fy0, fill=False, edgecolor="black", linewidth=1.5))
     c.set_title(f"(c) {maps.layer} map {maps.channel}: its strongest activation\n"
                 f"(y {strongest.y}, x {strongest.x}) projected; box = receptive field", fontsize=9)
     im = d.imshow(maps.probability.numpy(), extent=extent, cmap="magma", vmin=0.0, interpolation="nearest")
     fig.colorbar(im, ax=d, shrink=0.8)
-    d.set_title(f"(d) p({_common.class_name(maps.target)})", fontsize=9)
+    d.set_title(f"(d) p({common.class_name(maps.target)})", fontsize=9)
     index, named = class_map_colours(maps.top_class)
     palette = [tuple(v) for v in _palette(len(named))] + [(0.8, 0.8, 0.8, 1.0)]
     e.imshow(index, extent=extent, cmap=ListedColormap(palette), vmin=-0.5, vmax=len(palette) - 0.5,
              interpolation="nearest")
-    handles = [Patch(color=palette[n], label=f"{cls} {_common.class_name(cls)} ({count} positions)") for n, (cls, count) in enumerate(named)]
+    handles = [Patch(color=palette[n], label=f"{cls} {common.class_name(cls)} ({count} positions)") for n, (cls, count) in enumerate(named)]
     if (index == len(named)).any():
         handles.append(Patch(color=palette[-1], label="other classes"))
     e.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.04), fontsize=7, frameon=False, ncol=1)
@@ -222,116 +218,10 @@ def render(path: Path, example: torch.Tensor, name: str, maps: OcclusionMaps, st
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    _common.save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def _palette(n: int) -> np.ndarray:
     from matplotlib import colormaps
 
     return colormaps["tab10" if n <= 10 else "tab20"](np.arange(n))
-
-
-# -- the command -------------------------------------------------------------------------------
-
-DESCRIPTION = """\
-Occlusion sensitivity (the paper's Section 4.2, Figure 7). A grey square of --size pixels slides
-over each image's 224x224 evaluation crop in steps of --stride; every occluded copy is evaluated
-(--batch-size at a time). Per image, as functions of the square's position: (b) the total
-activation of the layer-5 feature map that holds the unoccluded image's strongest activation,
-(c) that activation projected to pixels by the deconvnet, (d) the probability of the true class
-(from the ImageNet synset in the file name, or --label), (e) the most probable class. Writes
---out/occlusion/: a PNG per image, occlusion.json and index.html.
-"""
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``occlusion`` to ``zfk``'s sub-commands."""
-    parser = subparsers.add_parser("occlusion", help="occlusion sensitivity maps (Figure 7)", description=DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    add_model_options(parser)
-    parser.add_argument("--size", type=positive_int, default=50, metavar="PIXELS", help="side of the square (default: 50)")
-    parser.add_argument("--stride", type=positive_int, default=8, metavar="PIXELS",
-                        help="step between positions (default: 8: a 28x28 map on 224x224)")
-    parser.add_argument("--fill", default="mean",
-                        help="the square's colour: mean (the ImageNet mean pixel, 0 after normalisation; default), "
-                             "grey (128) or a grey level 0-255")
-    _common.add_label_option(parser)
-    parser.add_argument("--layer", metavar="NAME",
-                        help="the layer whose strongest map is followed (default: the last conv layer, conv5; VGG16 conv5_3)")
-    _common.finish_parser(parser, run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``zfk occlusion``; returns the exit status."""
-    device = resolve_device(args.device)
-    fill = _common.fill_value(args.fill)
-    paths, crops = _common.load_images(args.images, "IMAGE")
-    targets = _common.true_classes(paths, args.label)
-    model = load_model(args.arch, args.weights, args.seed, device)
-    _common.warn_untrained(args)
-    layer = args.layer or _common.paper_layers(model).layer5
-    extractor = _common.FeatureExtractor(model)
-    if layer not in extractor.conv_layers:
-        raise CliError(f"--layer: {layer!r} is not a conv layer of {args.arch}; choose one of {', '.join(extractor.conv_layers)}")
-    out = prepare_out(Path(args.out))
-    folder = _common.subfolder(out, "occlusion")
-    images = data_mod.normalize(crops).to(device)
-    rows, cols = occlusion_grid(images.shape[-2], images.shape[-1], args.size, args.stride)
-    positions = rows.shape[0] * cols.shape[0]
-    # The occluder at the centre cell, drawn on each image as the figure's example.
-    centre = grid_boxes(rows, cols)[(rows.shape[0] // 2) * cols.shape[0] + cols.shape[0] // 2]
-    bar = progress_bar(positions * len(paths), "occlusion", "copy", args.quiet)
-    entries: List[Dict[str, object]] = []
-    sections: List[str] = []
-    try:
-        for n, (path, image, target) in enumerate(zip(paths, images, targets)):
-            unoccluded = extractor(image.unsqueeze(0), [layer, "logits"])  # one forward for both
-            strongest = strongest_of(unoccluded[layer])
-            maps = occlusion_maps(model, image, layer=layer, channel=strongest.channel, target=target, size=args.size,
-                                  stride=args.stride, fill=fill, batch_size=args.batch_size, progress=bar)
-            projection, field = project_strongest(model, image, layer, strongest)
-            p = torch.softmax(unoccluded["logits"][0].float(), 0)
-            png = f"image{n:03d}.png"
-            example = data_mod.denormalize(_common.occlude(image[None], centre[None], fill))[0].cpu()
-            render(folder / png, example, path.name, maps, strongest, projection, field)
-            entries.append({
-                "image": str(path), "figure": png,
-                "true_class": {"index": target, "synset": _common.imagenet_synsets()[target], "name": _common.class_name(target)},
-                "unoccluded": {"p_true": float(p[target]), "top_class": int(p.argmax()), "top_name": _common.class_name(int(p.argmax())),
-                               "top_probability": float(p.max())},
-                "strongest": {"layer": layer, "channel": strongest.channel, "value": strongest.value, "y": strongest.y,
-                              "x": strongest.x, "total": strongest.total, "receptive_field": list(field)},
-                "activation": maps.activation, "p_true": maps.probability, "top_class": maps.top_class,
-                "top_probability": maps.top_probability,
-            })
-            sections.append(
-                f"<section><h2>{gallery.text(path.name)}</h2>"
-                f"<p>true class {target} {gallery.text(_common.class_name(target))}: p = {float(p[target]):.4g} unoccluded; "
-                f"predicted {int(p.argmax())} {gallery.text(_common.class_name(int(p.argmax())))} ({float(p.max()):.4g}). "
-                f"Strongest {gallery.text(layer)} map: {strongest.channel} (activation {strongest.value:.4g} at "
-                f"y {strongest.y}, x {strongest.x}; map total {strongest.total:.4g}).</p>"
-                + _common.figure_html(png, f"occlusion maps of {path.name}") + "</section>")
-    finally:
-        bar.close()
-    document = {
-        "command": "occlusion", "model": _common.model_description(args),
-        "size": args.size, "stride": args.stride, "fill": args.fill, "fill_normalised": fill, "layer": layer,
-        "grid": {"rows": rows, "cols": cols,
-                 "rule": "cell (i, j) occludes rows[i] x cols[j] (half-open pixel ranges of the 224x224 crop); "
-                         "centred on the stride block [i*stride, (i+1)*stride), clipped to the image"},
-        "images": entries,
-    }
-    _common.write_json(folder / "occlusion.json", document)
-    body = (
-        f"{_common.model_header(args)}\n"
-        f"<p>A {args.size}×{args.size} square filled with {gallery.text(args.fill)} at {rows.shape[0]}×{cols.shape[0]} "
-        f"positions (stride {args.stride}; cell (i, j) is the square centred on the stride block of pixels "
-        f"[i·{args.stride}, (i+1)·{args.stride}), clipped to the image). Panels: (a) the input with the square at the "
-        f"centre position; (b) the total activation of the {gallery.text(layer)} feature map holding the unoccluded "
-        f"image's strongest activation; (c) that single activation projected to pixels by the deconvnet (box: its "
-        f"receptive field); (d) the probability of the true class; (e) the most probable class. The numbers: "
-        f"<a href=\"occlusion.json\">occlusion.json</a>.</p>\n" + "\n".join(sections))
-    _common.write_page(out, "occlusion", body)
-    say(f"occlusion: {len(paths)} image(s), {positions} positions each -> {folder / 'index.html'}", args.quiet)
-    return 0

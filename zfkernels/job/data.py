@@ -147,7 +147,7 @@ def sample_images() -> ImageList:
     given; never ImageNet images."""
     from importlib import resources
 
-    root = Path(str(resources.files(__package__).joinpath("sample_images")))
+    root = Path(str(resources.files("zfkernels").joinpath("sample_images")))
     return ImageList(root, discover(root).files)  # (LICENSES.txt is no skipped image)
 
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..deconvnet import Box, Deconvnet
+from ..deconvnet import crop as crop_box
+from ..receptive_field import box_below
 from . import data as data_mod
-from ._timing import StageClock
-from .deconvnet import Deconvnet, _Box
-from .deconvnet import _crop as crop_box
-from .receptive_field import box_below
-from .scan import LayerTop
+from .timing import StageClock
+from .topk import LayerTop
 
 MIN_TILE = 48  # receptive fields below this are enlarged by an integer factor
 MAX_TILE = 96  # and above it reduced
@@ -113,7 +113,7 @@ def _crop(source: torch.Tensor, rows: torch.Tensor, y0: torch.Tensor, x0: torch.
           size: Tuple[int, int], fill: float) -> torch.Tensor:
     """``(B, C, h, w)`` windows of ``source[rows]`` at ``(y0, x0)``; positions off the image
     get ``fill`` (the engine's per-selection box crop, which clamps, then the fill)."""
-    box = _Box(y0, x0, size[0], size[1], uniform=False)
+    box = Box(y0, x0, size[0], size[1], uniform=False)
     picked = crop_box(source, rows, box)
     return torch.where(box.inside(source.shape[-2:], torch.bool), picked,
                        torch.full((), fill, dtype=picked.dtype, device=picked.device))

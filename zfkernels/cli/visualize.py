@@ -23,35 +23,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.nn as nn
 
-from . import data as data_mod
-from . import gallery
-from ._io import atomic_write_text
-from .cliutil import (
-    CliError,
-    add_model_options,
-    add_quiet_option,
-    load_model,
-    parse_index_list,
-    positive_int,
-    prepare_out,
-    progress_bar,
-    resolve_device,
-    say,
-    untrained_warning,
-    non_negative_int,
-)
-from .deconvnet import MODES, Deconvnet
-from .patches import project_selections, selected_images
-from .scan import (
-    Distributed,
-    ScanInterrupted,
-    ScanPlan,
-    ScanState,
-    init_distributed,
-    num_channels,
-    result_from_state,
-    run_scan,
-)
+from ..deconvnet import MODES, Deconvnet
+from ..errors import UsageError
+from ..job import data as data_mod
+from ..job import gallery
+from ..job.checkpoint import ScanState
+from ..job.console import progress_bar, say
+from ..job.distributed import Distributed, init_distributed
+from ..job.io import atomic_write_text
+from ..job.project import project_selections, selected_images
+from ..job.scan import ScanInterrupted, ScanPlan, num_channels, result_from_state, run_scan
+from ..models import untrained_warning
+from .common import (add_model_options, add_quiet_option, load_model, non_negative_int, parse_index_list, positive_int,
+                     prepare_out, resolve_device)
 
 T = TypeVar("T")
 DEFAULT_OUT = "zfk-out"
@@ -121,10 +105,10 @@ def resolve_layers(model: nn.Module, text: Optional[str]) -> List[str]:
         return list(names)
     asked = [part.strip() for part in text.split(",") if part.strip()]
     if not asked:
-        raise CliError("--layers: no layer names given")
+        raise UsageError("--layers: no layer names given")
     unknown = [name for name in asked if name not in names]
     if unknown:
-        raise CliError(f"--layers: unknown layer {unknown[0]!r}; this network has {', '.join(names)}")
+        raise UsageError(f"--layers: unknown layer {unknown[0]!r}; this network has {', '.join(names)}")
     return [name for name in names if name in asked]
 
 
@@ -136,7 +120,7 @@ def resolve_features(model: nn.Module, layers: Sequence[str], text: Optional[str
     picked = parse_index_list(text, "--features")
     for name in layers:
         if picked[-1] >= counts[name]:
-            raise CliError(f"--features: {picked[-1]} is out of range for {name}, which has {counts[name]} feature maps "
+            raise UsageError(f"--features: {picked[-1]} is out of range for {name}, which has {counts[name]} feature maps "
                            f"(0-{counts[name] - 1})")
     return {name: torch.tensor(picked, dtype=torch.int64) for name in layers}
 
@@ -146,21 +130,21 @@ def resolve_images(data: Optional[str], limit: Optional[int], out: Path) -> Tupl
     if data is None:
         images = data_mod.sample_images()
         if not images.files:
-            raise CliError("no --data given and the sample photographs installed with zfkernels are missing; pass --data DIR")
+            raise UsageError("no --data given and the sample photographs installed with zfkernels are missing; pass --data DIR")
         if limit is not None:
             images.files = images.files[:limit]
         return images, "sample photographs installed with zfkernels (public domain and CC0; not ImageNet)"
     root = Path(data)
     if not root.exists():
-        raise CliError(f"--data {data}: no such folder")
+        raise UsageError(f"--data {data}: no such folder")
     if not root.is_dir():
-        raise CliError(f"--data {data}: not a folder")
+        raise UsageError(f"--data {data}: not a folder")
     try:
         images = data_mod.discover(root, limit, exclude=out)
     except OSError as error:
-        raise CliError(f"--data {data}: cannot read the folder ({error.strerror or error})") from None
+        raise UsageError(f"--data {data}: cannot read the folder ({error.strerror or error})") from None
     if not images.files:
-        raise CliError(f"--data {data}: no image files found (searched recursively; {len(images.ignored)} other files)")
+        raise UsageError(f"--data {data}: no image files found (searched recursively; {len(images.ignored)} other files)")
     return images, str(root)
 
 
@@ -224,13 +208,13 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     images, source = resolve_images(args.data, args.limit, out)
     try:
         model = load_model(args.arch, args.weights, args.seed, device)
-    except CliError as error:  # name the argument, as every other error does
-        raise CliError(f"--weights: {error}") from None
+    except UsageError as error:  # name the argument, as every other error does
+        raise UsageError(f"--weights: {error}") from None
     layers = resolve_layers(model, args.layers)
     channels = resolve_features(model, layers, args.features)
     decoder = _pick_decoder(args.decoder, device)
     if args.checkpoint_every < 0:
-        raise CliError(f"--checkpoint-every: must be at least 0 seconds, got {args.checkpoint_every}")
+        raise UsageError(f"--checkpoint-every: must be at least 0 seconds, got {args.checkpoint_every}")
     out = _on_rank_0(distributed, lambda: prepare_out(out))
     if args.weights is None:
         say(untrained_warning(args.arch, args.seed), distributed.rank != 0)
@@ -252,17 +236,15 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         remaining = len(images.files) - sum(len(plan.slots.indices(s)) for s in (resume_state.done if resume_state else []))
         if resume_state is not None:
             say(f"pass 1: resuming after {done} of {plan.slots.num_slots} batches", quiet)
-        update = progress_bar(remaining, "pass 1 (scan)", "img", quiet)
         try:
-            scan = run_scan(model, plan, device, workers=workers, gpu_jpeg=decoder == "nvjpeg", checkpoint=checkpoint,
-                            checkpoint_every=args.checkpoint_every, resume=resume_state, distributed=distributed,
-                            progress=update)
+            with progress_bar(remaining, "pass 1 (scan)", "img", quiet) as bar:
+                scan = run_scan(model, plan, device, workers=workers, gpu_jpeg=decoder == "nvjpeg", checkpoint=checkpoint,
+                                checkpoint_every=args.checkpoint_every, resume=resume_state, distributed=distributed,
+                                progress=bar.update)
         except ScanInterrupted as stop:
-            update.close()  # type: ignore[attr-defined]
             print(f"zfk visualize: interrupted by {stop}; pass 1 checkpoint written to {checkpoint}. "
                   "Run the same command with --resume to finish.", file=sys.stderr)
             return 128 + int(stop.signum)
-        update.close()  # type: ignore[attr-defined]
     if distributed.rank != 0:
         return 0  # pass 2 and the gallery are rank 0's (they touch only K x maps images)
 
@@ -271,10 +253,9 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         torch.cuda.reset_peak_memory_stats(device)
 
     # Pass 2.
-    update = progress_bar(len(selected_images(scan.layers)), "pass 2 (project)", "img", quiet)
-    projected = project_selections(model, scan.layers, images, device, batch_size=args.batch_size, workers=workers,
-                                   gpu_jpeg=decoder == "nvjpeg", mode=args.mode, progress=update)
-    update.close()  # type: ignore[attr-defined]
+    with progress_bar(len(selected_images(scan.layers)), "pass 2 (project)", "img", quiet) as bar:
+        projected = project_selections(model, scan.layers, images, device, batch_size=args.batch_size, workers=workers,
+                                       gpu_jpeg=decoder == "nvjpeg", mode=args.mode, progress=bar.update)
 
     # The gallery.
     rendering = time.perf_counter()
@@ -293,10 +274,10 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     document["untrained"] = untrained
     document["mode"] = args.mode
     total_maps = sum(top.channels.numel() for top in scan.layers.values())
-    update = progress_bar(total_maps, "render", "map", quiet)
-    for layer in layers:
-        gallery.render_layer(out, layer, scan.layers[layer], projected.tiles[layer], images.files, info, layers, update)
-    update.close()  # type: ignore[attr-defined]
+    with progress_bar(total_maps, "render", "map", quiet) as bar:
+        for layer in layers:
+            gallery.render_layer(out, layer, scan.layers[layer], projected.tiles[layer], images.files, info, layers,
+                                 bar.update)
     gallery.write_topk(out, document)
     gallery.write_skipped(out, skipped)
     stages = _stage_times(scan, projected, time.perf_counter() - rendering)
@@ -318,7 +299,7 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     return 0
 
 
-class _StoppedElsewhere(CliError):
+class _StoppedElsewhere(UsageError):
     """Another process reported the error; this one stops quietly."""
 
     silent = True
@@ -332,12 +313,12 @@ def _on_rank_0(distributed: Distributed, action: Callable[[], T]) -> T:
     if distributed.rank == 0:
         try:
             result = action()
-        except CliError as error:
+        except UsageError as error:
             failure = str(error)
     if distributed.active:
         result, failure = distributed.all_gather_objects((result, failure))[0]
     if failure is not None:
-        raise CliError(failure) if distributed.rank == 0 else _StoppedElsewhere(failure)
+        raise UsageError(failure) if distributed.rank == 0 else _StoppedElsewhere(failure)
     return result
 
 
@@ -346,7 +327,7 @@ def _pick_decoder(choice: str, device: torch.device) -> str:
         return "pillow"
     available = data_mod.gpu_jpeg_available(device)
     if choice == "nvjpeg" and not available:
-        raise CliError("--decoder nvjpeg: GPU JPEG decoding needs --device cuda and torchvision's nvjpeg support")
+        raise UsageError("--decoder nvjpeg: GPU JPEG decoding needs --device cuda and torchvision's nvjpeg support")
     return "nvjpeg" if available else "pillow"
 
 
@@ -359,10 +340,10 @@ def _load_resume(resume: bool, checkpoint: Path, expected: Dict[str, object], qu
     try:
         state = ScanState.load(checkpoint)
     except ValueError as error:
-        raise CliError(f"--resume: {error}") from None
+        raise UsageError(f"--resume: {error}") from None
     differ = _differences(state.fingerprint, expected)
     if differ:
-        raise CliError(f"--resume: the checkpoint in {checkpoint.parent} was made with other settings "
+        raise UsageError(f"--resume: the checkpoint in {checkpoint.parent} was made with other settings "
                        f"({', '.join(differ)} differ); rerun with the same arguments, or without --resume to start over")
     return state
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, IO, Union
+from typing import IO, Callable, Union
 
 
 def _fsync_dir(folder: Path) -> None:

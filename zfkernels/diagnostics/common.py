@@ -8,7 +8,6 @@ pyplot), so nothing here touches matplotlib's global backend or needs a display.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -23,14 +22,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import data as data_mod
-from .. import gallery
-from .._io import atomic_write_bytes, atomic_write_text
-from ..cliutil import CliError, check_files_exist, progress_bar, say, untrained_warning
 from ..deconvnet import parse_features
-from .. import patches
-from ..patches import ProjectionResult, project_selections
-from ..scan import ScanPlan, ScanResult, run_scan
+from ..errors import UsageError
+from ..job import data as data_mod
+from ..job import gallery
+from ..job import project as patches
+from ..job.console import check_files_exist, progress_bar, say
+from ..job.io import atomic_write_bytes, atomic_write_text
+from ..job.project import ProjectionResult, project_selections
+from ..job.scan import ScanPlan, ScanResult, run_scan
 
 # -- the paper's layers on our models ------------------------------------------------------------
 
@@ -184,11 +184,11 @@ def parse_label(text: str, what: str = "--label") -> int:
     if text.isdigit():
         index = int(text)
         if index >= len(synsets):
-            raise CliError(f"{what}: class index {index} is out of range (0-{len(synsets) - 1})")
+            raise UsageError(f"{what}: class index {index} is out of range (0-{len(synsets) - 1})")
         return index
     if text in synsets:
         return synsets.index(text)
-    raise CliError(f"{what}: {text!r} is neither a class index (0-999) nor an ImageNet synset id like n02123045")
+    raise UsageError(f"{what}: {text!r} is neither a class index (0-999) nor an ImageNet synset id like n02123045")
 
 
 def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List[int]:
@@ -196,7 +196,7 @@ def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List
     synset in its file name."""
     if labels:
         if len(labels) not in (1, len(paths)):
-            raise CliError(f"--label: give one label for all images or one per image ({len(paths)}), got {len(labels)}")
+            raise UsageError(f"--label: give one label for all images or one per image ({len(paths)}), got {len(labels)}")
         parsed = [parse_label(text) for text in labels]
         return parsed * len(paths) if len(parsed) == 1 else parsed
     synsets = imagenet_synsets()
@@ -204,9 +204,9 @@ def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List
     for path in paths:
         wnid = synset_of(path)
         if wnid is None:
-            raise CliError(f"{path}: no ImageNet synset (like n01440764) in the file name; pass --label INDEX|SYNSET")
+            raise UsageError(f"{path}: no ImageNet synset (like n01440764) in the file name; pass --label INDEX|SYNSET")
         if wnid not in synsets:
-            raise CliError(f"{path}: {wnid} is not one of the 1000 ImageNet classes; pass --label INDEX|SYNSET")
+            raise UsageError(f"{path}: {wnid} is not one of the 1000 ImageNet classes; pass --label INDEX|SYNSET")
         out.append(synsets.index(wnid))
     return out
 
@@ -216,14 +216,14 @@ def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List
 
 def load_images(paths: Sequence[str], what: str) -> Tuple[List[Path], torch.Tensor]:
     """Existing image files -> their uint8 ``(N, 3, 224, 224)`` evaluation crops (a missing or
-    unreadable file is a :class:`CliError` naming it)."""
+    unreadable file is a :class:`UsageError` naming it)."""
     files = check_files_exist(paths, what)
     crops = []
     for path in files:
         try:
             crops.append(data_mod.load_crop(path))
         except Exception as error:  # any decoder failure is the user's file
-            raise CliError(f"{what}: cannot read {path} ({data_mod.describe_error(error)})") from None
+            raise UsageError(f"{what}: cannot read {path} ({data_mod.describe_error(error)})") from None
     return files, torch.stack(crops)
 
 
@@ -237,9 +237,9 @@ def fill_value(text: str) -> torch.Tensor:
         try:
             level = int(text)
         except ValueError:
-            raise CliError(f"--fill: {text!r} is not mean, grey or a grey level 0-255") from None
+            raise UsageError(f"--fill: {text!r} is not mean, grey or a grey level 0-255") from None
         if not 0 <= level <= 255:
-            raise CliError(f"--fill: grey level {level} is outside 0-255")
+            raise UsageError(f"--fill: grey level {level} is outside 0-255")
     return data_mod.normalize(torch.full((1, 3, 1, 1), level, dtype=torch.uint8)).view(3)
 
 
@@ -270,11 +270,8 @@ def top_projections(model: nn.Module, images: data_mod.ImageList, channels: Dict
     :func:`zfkernels.patches.project_selections`)."""
     layers = list(channels)
     plan = ScanPlan(images, data_mod.Slots(len(images.files), batch_size), layers, channels, top, fingerprint={})
-    bar = progress_bar(len(images.files), f"{description}: pass 1", "img", quiet)
-    try:
-        scan = run_scan(model, plan, device, progress=bar)
-    finally:
-        bar.close()
+    with progress_bar(len(images.files), f"{description}: pass 1", "img", quiet) as bar:
+        scan = run_scan(model, plan, device, progress=bar.update)
     if scan.skipped:
         names = ", ".join(gallery.log_text(images.files[i]) for i, _ in scan.skipped[:3])
         say(f"{description}: {len(scan.skipped)} image(s) could not be read and were skipped ({names} …)", quiet)
@@ -337,21 +334,8 @@ def write_json(path: Path, document: Dict[str, object]) -> None:
     atomic_write_text(path, json.dumps(jsonable(document), indent=1, ensure_ascii=True, allow_nan=False) + "\n")
 
 
-def model_header(args: argparse.Namespace) -> str:
-    """The page's table of the model, with the loud warning for an untrained one."""
-    parts = []
-    if args.weights is None:
-        parts.append(f"<p class=\"warn\">{gallery.text(untrained_warning(args.arch, args.seed))}</p>")
-    weights = f"seeded random, UNTRAINED (seed {args.seed})" if args.weights is None else args.weights
-    parts.append(f"<table><tr><th>architecture</th><td>{gallery.text(args.arch)}</td></tr>"
-                 f"<tr><th>weights</th><td>{gallery.text(weights)}</td></tr></table>")
-    return "\n".join(parts)
 
 
-def model_description(args: argparse.Namespace) -> Dict[str, object]:
-    """The model, for the JSON documents."""
-    return {"arch": args.arch, "weights": args.weights, "seed": None if args.weights else args.seed,
-            "untrained": args.weights is None}
 
 
 def subfolder(out: Path, name: str) -> Path:
@@ -367,7 +351,7 @@ def write_page(out: Path, name: str, body: str) -> Path:
     title = PAGES[name]
     nav = "<p class=\"links\"><a href=\"../diagnostics.html\">all diagnostics</a></p>"
     page = out / name / "index.html"
-    atomic_write_text(page, gallery._page(f"zfk {name}", f"{nav}\n<h1>{gallery.text(title)}</h1>\n{body}"))
+    atomic_write_text(page, gallery.page(f"zfk {name}", f"{nav}\n<h1>{gallery.text(title)}</h1>\n{body}"))
     write_index(out)
     return page
 
@@ -378,40 +362,10 @@ def write_index(out: Path) -> None:
              f"(<code>zfk {name}</code>)</li>" for name, title in PAGES.items() if (out / name / "index.html").is_file()]
     visualize = "<p><a href=\"index.html\">The feature-map gallery (zfk visualize)</a></p>" if (out / "index.html").is_file() else ""
     body = f"<h1>zfk diagnostics</h1>\n{visualize}\n<ul>\n" + "\n".join(items) + "\n</ul>"
-    atomic_write_text(out / "diagnostics.html", gallery._page("zfk diagnostics", body))
+    atomic_write_text(out / "diagnostics.html", gallery.page("zfk diagnostics", body))
 
 
 def figure_html(src: str, alt: str, width: Optional[int] = None) -> str:
     """An ``<img>`` of one of the page's own files."""
     size = f" style=\"max-width:100%;width:{width}px\"" if width else " style=\"max-width:100%\""
     return f"<p><img src=\"{gallery.href(src)}\" alt=\"{gallery.text(alt)}\"{size}></p>"
-
-
-def warn_untrained(args: argparse.Namespace) -> None:
-    """The loud warning on stderr for a seeded random model (also under ``--quiet``)."""
-    if args.weights is None:
-        say(untrained_warning(args.arch, args.seed))
-
-
-def add_out_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="zfk-out", metavar="DIR",
-                        help="output folder, the one `zfk visualize` writes its gallery into (default: zfk-out); "
-                             "this command writes into a subfolder of it and refreshes diagnostics.html")
-
-
-def add_label_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label", nargs="+", metavar="CLASS",
-                        help="true class as an index 0-999 or a synset id: one for all images or one per image "
-                             "(default: the synset in each file name)")
-
-
-def finish_parser(parser: argparse.ArgumentParser, run, batch_size: int = 64) -> None:
-    """The options every diagnostic ends with (``--batch-size``, ``--out``, ``--quiet``) and
-    its ``run`` function."""
-    from ..cliutil import add_quiet_option, positive_int
-
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
-                        help=f"images per forward pass on the device (default: {batch_size})")
-    add_out_option(parser)
-    add_quiet_option(parser)
-    parser.set_defaults(run=run)

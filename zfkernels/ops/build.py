@@ -14,7 +14,7 @@ import torch
 def build_info() -> Dict[str, Any]:
     """What was compiled: ``{"cpu": True, "cuda": bool, "cuda_version": str | None,
     "cuda_archs": [...], "torch": str}`` (from ``_build_info.json`` written by ``setup.py``)."""
-    text = resources.files(__package__).joinpath("_build_info.json").read_text()
+    text = resources.files("zfkernels").joinpath("_build_info.json").read_text()
     return json.loads(text)
 
 

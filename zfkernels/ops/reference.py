@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import IntPair, _geometry, output_padding_for, pair
+from .wrappers import IntPair, geometry, output_padding_for, pair
 
 
 def _window_origins(
@@ -35,7 +35,7 @@ def maxpool_switches(
     ceil_mode: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``F.max_pool2d(return_indices=True)`` with the indices turned into uint8 switches."""
-    kernel, strides, pad = _geometry("maxpool_switches", kernel_size, stride, padding)
+    kernel, strides, pad = geometry("maxpool_switches", kernel_size, stride, padding)
     # Through a contiguous copy: PyTorch's CUDA channels-last kernel reports index 0 (not the
     # window's first pixel) for a window of nothing but -inf, which is no switch at all.
     out, indices = F.max_pool2d(x.contiguous(), kernel, strides, pad, ceil_mode=ceil_mode, return_indices=True)
@@ -54,7 +54,7 @@ def switches_to_indices(
 ) -> torch.Tensor:
     """Flat ``h * W + w`` indices into the pooled map, as ``return_indices=True`` gives them."""
     _, width = pair(input_size, "switches_to_indices", "input_size")
-    kernel, strides, pad = _geometry("switches_to_indices", kernel_size, stride, padding)
+    kernel, strides, pad = geometry("switches_to_indices", kernel_size, stride, padding)
     row0, col0 = _window_origins((switches.shape[-2], switches.shape[-1]), strides, pad, switches.device)
     offsets = switches.to(torch.int64)
     return (row0 + offsets // kernel[1]) * width + (col0 + offsets % kernel[1])

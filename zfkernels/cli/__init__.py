@@ -1,7 +1,9 @@
 """The ``zfk`` command line (also ``python -m zfkernels``).
 
-Each command lives in its own module and adds itself with ``register(subparsers)``, which sets
-``run`` (a function of the parsed arguments returning an exit status) as the parser's default.
+Argument parsing and orchestration only: each command lives in its own module of this package
+and adds itself with ``register(subparsers)``, which sets ``run`` (a function of the parsed
+arguments returning an exit status) as the parser's default. The work itself is done by
+:mod:`zfkernels.job` (the main job) and :mod:`zfkernels.diagnostics`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .cliutil import CliError
+from ..errors import UsageError
+from . import correspondence, evolution, filters, invariance, occlusion, visualize
+
+# In the order `zfk --help` lists them.
+COMMANDS = (visualize, occlusion, correspondence, invariance, evolution, filters)
 
 DESCRIPTION = """\
 zfkernels: Zeiler & Fergus's deconvnet ("Visualizing and Understanding Convolutional Networks",
@@ -34,10 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     subparsers.required = True
-    from . import diagnostics, visualize
-
-    visualize.register(subparsers)
-    diagnostics.register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 
@@ -47,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except CliError as error:
+    except UsageError as error:
         if not getattr(error, "silent", False):  # (another process of a torchrun job printed it)
             print(f"zfk {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -2,12 +2,12 @@
 
 The wrappers only normalise arguments (an int or a pair, ``stride`` defaulting to
 ``kernel_size``, ``output_size`` turned into an output padding); every check on tensors
-happens in the C++ kernels (and in the fake kernels of ``_fake.py`` under tracing), so
+happens in the C++ kernels (and in the fake kernels of ``fake.py`` under tracing), so
 calling ``torch.ops.zfkernels.*`` directly is exactly as safe.
 
 These are inference ops without a derivative: their autograd formula raises, so a backward
 pass through them fails with a message naming the op instead of returning a wrong gradient
-(``zfkernels/_autograd.py``; ``tests/test_op_registration.py``).
+(``zfkernels/ops/autograd.py``; ``tests/test_op_registration.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def pair(value: IntPair, op: str, name: str) -> Tuple[int, int]:
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def _geometry(
+def geometry(
     op: str, kernel_size: IntPair, stride: Optional[IntPair], padding: IntPair
 ) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
     kernel = pair(kernel_size, op, "kernel_size")
@@ -54,7 +54,7 @@ def maxpool_switches(
     holding the argmax's offset ``ky * kW + kx`` inside its window, whose origin is
     ``(oh * sH - pH, ow * sW - pW)``. Ties go to the first maximum in row-major order.
     """
-    kernel, strides, pad = _geometry("maxpool_switches", kernel_size, stride, padding)
+    kernel, strides, pad = geometry("maxpool_switches", kernel_size, stride, padding)
     return torch.ops.zfkernels.maxpool_switches(x, kernel, strides, pad, bool(ceil_mode))
 
 
@@ -67,7 +67,7 @@ def switches_to_indices(
 ) -> torch.Tensor:
     """Convert switches to PyTorch's ``return_indices=True`` indices (int64, flat ``h * W + w``)."""
     size = pair(input_size, "switches_to_indices", "input_size")
-    kernel, strides, pad = _geometry("switches_to_indices", kernel_size, stride, padding)
+    kernel, strides, pad = geometry("switches_to_indices", kernel_size, stride, padding)
     return torch.ops.zfkernels.switches_to_indices(switches, size, kernel, strides, pad)
 
 
@@ -90,7 +90,7 @@ def unpool(
     ``rectify=True`` the result goes through ReLU in the same pass.
     """
     size = pair(input_size, "unpool", "input_size")
-    kernel, strides, pad = _geometry("unpool", kernel_size, stride, padding)
+    kernel, strides, pad = geometry("unpool", kernel_size, stride, padding)
     return torch.ops.zfkernels.unpool(y, switches, size, kernel, strides, pad, rows, bool(rectify))
 
 

@@ -1,30 +1,28 @@
 """What every ``zfk`` command shares: the one-line error, the model and device options, output
 folders, and progress bars.
 
-A :class:`CliError` is the user's mistake or the environment's (a missing folder, weights of
-another architecture, no GPU): ``zfk`` prints it as one line and exits non-zero, with no
-traceback. Anything else escaping a command is a bug and keeps its traceback.
+A :class:`zfkernels.errors.UsageError` is the user's mistake or the environment's: ``zfk`` prints
+it as one line and exits with status 2, with no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from . import models
+from .. import models
+from ..errors import UsageError
+from ..job.console import say
+from ..job.gallery import text
+from ..models import untrained_warning
 
 ARCHS = tuple(models.ARCHITECTURES)
 DEFAULT_SEED = 0  # the seeded random model used when no --weights is given
-
-
-class CliError(Exception):
-    """A one-line error for the user: printed as ``zfk <command>: error: <message>``, exit 2."""
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -86,14 +84,14 @@ def parse_index_list(text: str, what: str) -> List[int]:
             first = int(low)
             last = int(high) if dash else first
         except ValueError:
-            raise CliError(f"{what}: {part!r} is not a non-negative number or a range like 0-15") from None
+            raise UsageError(f"{what}: {part!r} is not a non-negative number or a range like 0-15") from None
         if first < 0 or last < 0:
-            raise CliError(f"{what}: {part!r} is negative")
+            raise UsageError(f"{what}: {part!r} is negative")
         if last < first:
-            raise CliError(f"{what}: empty range {part!r} (write low-high with low <= high)")
+            raise UsageError(f"{what}: empty range {part!r} (write low-high with low <= high)")
         picked.update(range(first, last + 1))
     if not picked:
-        raise CliError(f"{what}: no numbers in {text!r}")
+        raise UsageError(f"{what}: no numbers in {text!r}")
     return sorted(picked)
 
 
@@ -108,33 +106,28 @@ def resolve_device(name: Optional[str]) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CliError(f"--device: {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+        raise UsageError(f"--device: {name!r} is not a device (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CliError(f"--device {name}: CUDA was asked for but no CUDA GPU is visible (use --device cpu)")
-        from ._build import build_info
+            raise UsageError(f"--device {name}: CUDA was asked for but no CUDA GPU is visible (use --device cpu)")
+        from ..ops import build_info
 
         if not build_info().get("cuda"):
-            raise CliError(f"--device {name}: zfkernels was built without its CUDA kernels (rebuild where nvcc is found)")
+            raise UsageError(f"--device {name}: zfkernels was built without its CUDA kernels (rebuild where nvcc is found)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise CliError(f"--device: {name!r} is not supported (use cpu, cuda or cuda:N)")
+        raise UsageError(f"--device: {name!r} is not supported (use cpu, cuda or cuda:N)")
     return device
 
 
 def load_model(arch: str, weights: Optional[str], seed: int, device: torch.device) -> nn.Module:
-    """The evaluation-mode model on ``device``; weights that do not fit are a :class:`CliError`."""
+    """The evaluation-mode model on ``device``; weights that do not fit are a :class:`UsageError`."""
     try:
         model = models.build(arch, weights, seed=seed if weights is None else None)
     except (ValueError, FileNotFoundError) as error:
-        raise CliError(str(error)) from None
+        raise UsageError(str(error)) from None
     return model.eval().to(device)
-
-
-def untrained_warning(arch: str, seed: int) -> str:
-    return (f"WARNING: no --weights given: using a seeded random {arch} (seed {seed}). It is UNTRAINED: the pictures "
-            f"show what random filters respond to, not learned features. Pass --weights PATH for a trained network.")
 
 
 # -- output folders ----------------------------------------------------------------------------
@@ -145,58 +138,69 @@ def prepare_out(out: Path, *, marker: str = ".zfk") -> Path:
     exists, holds other files and was not made by zfk is refused (it will not be mixed into)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out}: exists and is not a folder")
+        raise UsageError(f"--out {out}: exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CliError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
+        raise UsageError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise CliError(f"--out {out}: the folder is not writable")
+        raise UsageError(f"--out {out}: the folder is not writable")
     stamp = out / marker
     if not stamp.exists() and any(out.iterdir()):
-        raise CliError(f"--out {out}: the folder holds other files and is not a zfk output folder; choose an empty or new one")
+        raise UsageError(f"--out {out}: the folder holds other files and is not a zfk output folder; choose an empty or new one")
     try:
         stamp.write_text("a zfk output folder\n")
     except OSError as error:
-        raise CliError(f"--out {out}: the folder is not writable ({error.strerror or error})") from None
+        raise UsageError(f"--out {out}: the folder is not writable ({error.strerror or error})") from None
     return out
 
 
-# -- progress ----------------------------------------------------------------------------------
+
+# -- what the diagnostics' commands share -------------------------------------------------------
 
 
-def progress_bar(total: int, description: str, unit: str, quiet: bool) -> Callable[[int], None]:
-    """A tqdm bar (rate and ETA) on stderr, or nothing when ``quiet``; returns ``update(n)``.
-    The bar is closed by calling ``update.close()``."""
-    if quiet:
-        def update(n: int) -> None:
-            return None
-
-        update.close = lambda: None  # type: ignore[attr-defined]
-        return update
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
-
-    def update(n: int) -> None:
-        bar.update(n)
-
-    update.close = bar.close  # type: ignore[attr-defined]
-    return update
+def model_header(args: argparse.Namespace) -> str:
+    """The page's table of the model, with the loud warning for an untrained one."""
+    parts = []
+    if args.weights is None:
+        parts.append(f"<p class=\"warn\">{text(untrained_warning(args.arch, args.seed))}</p>")
+    weights = f"seeded random, UNTRAINED (seed {args.seed})" if args.weights is None else args.weights
+    parts.append(f"<table><tr><th>architecture</th><td>{text(args.arch)}</td></tr>"
+                 f"<tr><th>weights</th><td>{text(weights)}</td></tr></table>")
+    return "\n".join(parts)
 
 
-def say(message: str, quiet: bool = False, *, stream=None) -> None:
-    """A line for the user (stderr keeps stdout clean for summaries)."""
-    if not quiet:
-        print(message, file=stream or sys.stderr, flush=True)
+def model_description(args: argparse.Namespace) -> Dict[str, object]:
+    """The model, for the JSON documents."""
+    return {"arch": args.arch, "weights": args.weights, "seed": None if args.weights else args.seed,
+            "untrained": args.weights is None}
 
 
-def check_files_exist(paths: Iterable[str], what: str) -> List[Path]:
-    """Each path must be an existing file."""
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise CliError(f"{what}: {p} does not exist or is not a file")
-        out.append(path)
-    return out
+def warn_untrained(args: argparse.Namespace) -> None:
+    """The loud warning on stderr for a seeded random model (also under ``--quiet``)."""
+    if args.weights is None:
+        say(untrained_warning(args.arch, args.seed))
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="zfk-out", metavar="DIR",
+                        help="output folder, the one `zfk visualize` writes its gallery into (default: zfk-out); "
+                             "this command writes into a subfolder of it and refreshes diagnostics.html")
+
+
+def add_label_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", nargs="+", metavar="CLASS",
+                        help="true class as an index 0-999 or a synset id: one for all images or one per image "
+                             "(default: the synset in each file name)")
+
+
+def finish_parser(parser: argparse.ArgumentParser, run, batch_size: int = 64) -> None:
+    """The options every diagnostic ends with (``--batch-size``, ``--out``, ``--quiet``) and
+    its ``run`` function."""
+    from ..cli.common import add_quiet_option, positive_int
+
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
+                        help=f"images per forward pass on the device (default: {batch_size})")
+    add_out_option(parser)
+    add_quiet_option(parser)
+    parser.set_defaults(run=run)

@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ._io import atomic_write_bytes, atomic_write_text
-from .patches import LayerTiles
-from .scan import LayerTop
+from .io import atomic_write_bytes, atomic_write_text
+from .project import LayerTiles
+from .topk import LayerTop
 
 GAP = 2  # pixels between tiles
 SPLIT = 10  # pixels between the projection grid and the patch grid
@@ -167,7 +167,7 @@ def montage(cells: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
     return np.asarray(sheet)
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{text(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
@@ -268,7 +268,7 @@ def render_layer(
         f"<a href=\"{href(montage_png(layer))}\">The whole layer as one PNG</a>.</p>\n"
         f"<div class=\"maps\">\n" + "\n".join(sections) + "\n</div>"
     )
-    atomic_write_text(out / layer_page(layer), _page(f"{info.arch} {layer}", body))
+    atomic_write_text(out / layer_page(layer), page(f"{info.arch} {layer}", body))
 
 
 def render_index(out: Path, tops: Dict[str, LayerTop], tiles: Dict[str, LayerTiles], info: RunInfo,
@@ -296,7 +296,7 @@ def render_index(out: Path, tops: Dict[str, LayerTop], tiles: Dict[str, LayerTil
         "<h2>Layers</h2>\n<table><tr><th>layer</th><th>feature maps</th><th>map</th><th>receptive field</th>"
         "<th></th></tr>\n" + "\n".join(rows) + "\n</table>\n" + "\n".join(lists)
     )
-    atomic_write_text(out / "index.html", _page(f"zfk visualize: {info.arch}", body))
+    atomic_write_text(out / "index.html", page(f"zfk visualize: {info.arch}", body))
 
 
 def topk_document(arch: str, weights: Optional[str], preprocess: Dict[str, object], tops: Dict[str, LayerTop],

@@ -1,0 +1,139 @@
+"""``zfk correspondence``: the command line of :mod:`zfkernels.diagnostics.correspondence`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from ..diagnostics import common as diagnostics_common
+from ..diagnostics.correspondence import CorrespondenceResult, SignChange, correspondence, read_parts
+from ..errors import UsageError
+from ..job import data as data_mod
+from ..job import gallery
+from ..job.console import say
+from .common import (add_model_options, finish_parser, load_model, model_description, model_header, non_negative_int,
+                     prepare_out, resolve_device, warn_untrained)
+
+DESCRIPTION = """\
+Correspondence analysis (the paper's Section 4.3, Table 7). For each part in --parts (a box per
+image), occlude it in every image and compare the sign patterns of the feature changes across
+images: Delta = sum over pairs i<j of the Hamming distance between sign(x_i - x~_i) and
+sign(x_j - x~_j), shown as the mean fraction of differing signs; the same for --trials random
+occlusions of the same size. Low values: the part is represented consistently. Writes
+--out/correspondence/: table.png, correspondence.json and index.html.
+
+parts.json:
+  {"coordinates": "crop",                   (or "original": pixels of the image file)
+   "parts": {"left eye": {"dog1.jpg": [x0, y0, x1, y1], "dog2.jpg": [...], ...},
+             "nose":     {...}}}
+Images are named by their file name (as in --images); boxes are half-open pixel boxes, by
+default in the 224x224 evaluation crop (Resize(256) + CenterCrop(224)) the network sees.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``correspondence`` to ``zfk``'s sub-commands."""
+    parser = subparsers.add_parser("correspondence", help="correspondence of object parts across images (Table 7)",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="two or more image files")
+    parser.add_argument("--parts", required=True, metavar="JSON", help="the part boxes (format above)")
+    add_model_options(parser)
+    parser.add_argument("--layers", metavar="LIST",
+                        help="comma-separated layers: conv layers (conv5, conv5_3 …) or fc6/fc7 "
+                             "(default: the paper's layers 5 and 7: the last conv layer and fc7)")
+    parser.add_argument("--trials", type=non_negative_int, default=10, metavar="N",
+                        help="random occlusions to compare with (default: 10; 0: none)")
+    parser.add_argument("--trial-seed", type=int, default=0, metavar="SEED",
+                        help="seed of the random occlusions (default: 0)")
+    parser.add_argument("--fill", default="mean", help="occluder colour: mean (default), grey or a grey level 0-255")
+    finish_parser(parser, run)
+
+
+def _image_sizes(files: Sequence[Path]) -> List[Tuple[int, int]]:
+    from PIL import Image
+
+    sizes = []
+    for path in files:
+        with Image.open(path) as image:
+            sizes.append(image.size)
+    return sizes
+
+
+def _cell(change: SignChange) -> str:
+    return f"{change.mean:.4f} ± {change.std:.4f}"
+
+
+def render(path: Path, result: CorrespondenceResult) -> None:
+    """Table 7 as a bar chart: a bar per row and layer with its ± error bar."""
+    rows = list(result.parts) + (["Random"] if result.random else [])
+    cells = [result.parts[name] for name in result.parts] + ([result.random] if result.random else [])
+    fig = diagnostics_common.new_figure(max(6.0, 1.2 * len(rows) * len(result.layers) + 2), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / len(result.layers)
+    for k, layer in enumerate(result.layers):
+        xs = np.arange(len(rows)) + (k - (len(result.layers) - 1) / 2) * width
+        ax.bar(xs, [c[layer].mean for c in cells], width, yerr=[c[layer].std for c in cells], capsize=3, label=layer)
+    ax.set_xticks(np.arange(len(rows)), [diagnostics_common.plain(r) for r in rows])
+    ax.set_ylabel("mean feature sign change\n(fraction of differing signs per pair)")
+    ax.legend(title="layer")
+    ax.set_title("Correspondence (Table 7): lower = more consistent across images")
+    diagnostics_common.save_figure(fig, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``zfk correspondence``; returns the exit status."""
+    device = resolve_device(args.device)
+    fill = diagnostics_common.fill_value(args.fill)
+    if len(args.images) < 2:
+        raise UsageError("--images: the analysis compares images: give at least two")
+    files, crops = diagnostics_common.load_images(args.images, "--images")
+    parts = read_parts(Path(args.parts), files, _image_sizes(files))
+    model = load_model(args.arch, args.weights, args.seed, device)
+    warn_untrained(args)
+    paper = diagnostics_common.paper_layers(model)
+    layers = [paper.layer5, paper.layer7] if args.layers is None else [p.strip() for p in args.layers.split(",") if p.strip()]
+    extractor = diagnostics_common.FeatureExtractor(model)
+    usable = extractor.conv_layers + extractor.fc_layers
+    bad = [name for name in layers if name not in usable]
+    if not layers or bad:
+        raise UsageError(f"--layers: unknown layer {bad[0] if bad else args.layers!r}; choose from {', '.join(usable)}")
+    out = prepare_out(Path(args.out))
+    folder = diagnostics_common.subfolder(out, "correspondence")
+    say(f"correspondence: {len(parts)} part(s) and {args.trials} random trial(s) over {len(files)} images", args.quiet)
+    result = correspondence(model, data_mod.normalize(crops).to(device), parts, layers, trials=args.trials,
+                            seed=args.trial_seed, fill=fill, batch_size=args.batch_size)
+    render(folder / "table.png", result)
+    document = {
+        "command": "correspondence", "model": model_description(args), "layers": layers,
+        "images": [str(f) for f in files], "fill": args.fill, "trials": args.trials, "trial_seed": args.trial_seed,
+        "statistic": "Delta = sum over pairs i<j of Hamming(sign(eps_i), sign(eps_j)), eps = x - x_occluded; "
+                     "mean = Delta / (pairs * D); a part's std is over pairs, Random's mean/std over trials",
+        "parts": {name: {"boxes": parts[name], **{layer: vars(c) for layer, c in result.parts[name].items()}}
+                  for name in parts},
+        "random": None if result.random is None else {"boxes": result.boxes, **{layer: vars(c) for layer, c in result.random.items()}},
+    }
+    diagnostics_common.write_json(folder / "correspondence.json", document)
+    header = "".join(f"<th>{gallery.text(layer)}</th>" for layer in layers)
+    rows = [f"<tr><td>{gallery.text(name)}</td>" + "".join(f"<td>{_cell(c[layer])}</td>" for layer in layers) + "</tr>"
+            for name, c in result.parts.items()]
+    if result.random:
+        rows.append("<tr><td>Random</td>" + "".join(f"<td>{_cell(result.random[layer])}</td>" for layer in layers) + "</tr>")
+    dims = ", ".join(f"{gallery.text(layer)}: D = {result.parts[next(iter(parts))][layer].dimension}" for layer in layers)
+    body = (
+        f"{model_header(args)}\n"
+        f"<p>{len(files)} images: {', '.join(gallery.text(f.name) for f in files)}. Occluder fill: {gallery.text(args.fill)}.</p>\n"
+        f"<table><tr><th rowspan=\"2\">Occlusion location</th><th colspan=\"{len(layers)}\">Mean feature sign change</th></tr>"
+        f"<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>\n"
+        f"<p>Each cell: Δ / (pairs · D), the mean fraction of the D feature components whose sign of change "
+        f"x − x̃ differs between two images ({dims}; {math.comb(len(files), 2)} pairs; sign 0 counts as its own value). "
+        f"Parts: ± the standard deviation over pairs. Random: {args.trials} trials of one random box per image "
+        f"(each image's mean part size), mean ± standard deviation over trials. "
+        f"The numbers: <a href=\"correspondence.json\">correspondence.json</a>.</p>\n"
+        + diagnostics_common.figure_html("table.png", "correspondence table as a bar chart"))
+    diagnostics_common.write_page(out, "correspondence", body)
+    say(f"correspondence -> {folder / 'index.html'}", args.quiet)
+    return 0

@@ -1,0 +1,115 @@
+"""``zfk invariance``: the command line of :mod:`zfkernels.diagnostics.invariance`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Dict, List
+
+from ..diagnostics import common as diagnostics_common
+from ..diagnostics.invariance import (DEFAULT_VALUES, TRANSFORMS, UNITS, InvarianceCurves, invariance_curves, render,
+                                      resized, transform_images)
+from ..errors import UsageError
+from ..job import data as data_mod
+from ..job import gallery
+from ..job.console import progress_bar, say
+from .common import (add_label_option, add_model_options, finish_parser, load_model, model_description, model_header,
+                     prepare_out, resolve_device, warn_untrained)
+
+DESCRIPTION = """\
+Invariance (the paper's Section 4, Figure 5). Each image is translated vertically, scaled and
+rotated (--transform picks which; --values overrides one sweep); for every transformed copy,
+the relative Euclidean distance of its layer-1 (first conv) and layer-7 (fc7) features from the
+original's, and the probability of the true class (the synset in the file name, or --label).
+Writes --out/invariance/: a PNG per transform, invariance.json and index.html.
+"""
+
+
+def _values(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--values: {text!r} is not a comma-separated list of numbers") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--values: {text!r} is not a comma-separated list of finite numbers")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``invariance`` to ``zfk``'s sub-commands."""
+    parser = subparsers.add_parser("invariance", help="feature distances and class probability under transformations (Figure 5)",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    add_model_options(parser)
+    parser.add_argument("--transform", nargs="+", choices=TRANSFORMS, default=list(TRANSFORMS),
+                        help="which sweeps (default: all three)")
+    parser.add_argument("--values", metavar="LIST",
+                        help="comma-separated sweep values for a single --transform (defaults: translate -60..60 "
+                             "step 10 pixels, scale 1.0..1.8 step 0.1, rotate 0..350 step 10 degrees); a list that starts with a minus "
+                             "needs the = form: --values=-30,0,30")
+    add_label_option(parser)
+    finish_parser(parser, run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``zfk invariance``; returns the exit status."""
+    device = resolve_device(args.device)
+    transforms = list(dict.fromkeys(args.transform))
+    sweeps = {t: DEFAULT_VALUES[t] for t in transforms}
+    if args.values is not None:
+        if len(transforms) != 1:
+            raise UsageError("--values: give exactly one --transform with it")
+        sweeps[transforms[0]] = _values(args.values)
+        if transforms[0] == "translate" and not all(v.is_integer() for v in sweeps["translate"]):
+            raise UsageError("--values: translations are whole pixels")
+        if transforms[0] == "scale" and min(sweeps["scale"]) <= 0:
+            raise UsageError("--values: scales must be positive")
+    files = diagnostics_common.check_files_exist(args.images, "IMAGE")
+    targets = diagnostics_common.true_classes(files, args.label)
+    pictures = []
+    for path in files:
+        try:
+            pictures.append(resized(path))
+        except UsageError:
+            raise
+        except Exception as error:
+            raise UsageError(f"IMAGE: cannot read {path} ({data_mod.describe_error(error)})") from None
+    model = load_model(args.arch, args.weights, args.seed, device)
+    warn_untrained(args)
+    paper = diagnostics_common.paper_layers(model)
+    layers = [paper.layer1, paper.layer7]
+    out = prepare_out(Path(args.out))
+    folder = diagnostics_common.subfolder(out, "invariance")
+    images = [data_mod.normalize(p.unsqueeze(0))[0].to(device) for p in pictures]
+    names = [f.name for f in files]
+    total = sum(len(v) for v in sweeps.values()) * len(files)
+    results: Dict[str, InvarianceCurves] = {}
+    with progress_bar(total, "invariance", "copy", args.quiet) as bar:
+        for transform, values in sweeps.items():
+            curves = invariance_curves(model, images, targets, transform, values, layers, batch_size=args.batch_size,
+                                       progress=bar.update)
+            results[transform] = curves
+            example = transform_images(images[0], transform, values).cpu()
+            render(folder / f"{transform}.png", curves, example, names,
+                   [f"layer 1 ({layers[0]})", f"layer 7 ({layers[1]})"])
+    document = {
+        "command": "invariance", "model": model_description(args), "layers": {"1": layers[0], "7": layers[1]},
+        "images": [{"image": str(f), "true_class": t, "name": diagnostics_common.class_name(t)} for f, t in zip(files, targets)],
+        "distance": "||f(x) - f(Tx)|| / ||f(x)|| (Euclidean, post-ReLU features; null when ||f(x)|| = 0)",
+        "transforms": {t: {"values": c.values, "distance": c.distance, "raw_distance": c.raw_distance,
+                           "feature_norm": c.norm, "p_true": c.probability} for t, c in results.items()},
+    }
+    diagnostics_common.write_json(folder / "invariance.json", document)
+    sections = [f"<h2>{gallery.text(UNITS[t])}</h2>" + diagnostics_common.figure_html(f"{t}.png", f"invariance to {t}") for t in results]
+    body = (
+        f"{model_header(args)}\n<p>Images: "
+        + ", ".join(f"{gallery.text(n)} (class {t} {gallery.text(diagnostics_common.class_name(t))})" for n, t in zip(names, targets))
+        + f". Distances ‖f(x) − f(Tx)‖ / ‖f(x)‖ of the post-ReLU features of layer 1 ({gallery.text(layers[0])}) and "
+        f"layer 7 ({gallery.text(layers[1])}); transforms act on the image resized to short side 256, then the centre "
+        f"224×224 window is taken, the ImageNet mean pixel filling what comes from outside. Left of each row: the "
+        f"first image at a few values of the sweep. The numbers: <a href=\"invariance.json\">invariance.json</a>.</p>\n"
+        + "\n".join(sections))
+    diagnostics_common.write_page(out, "invariance", body)
+    say(f"invariance: {len(files)} image(s), {', '.join(results)} -> {folder / 'index.html'}", args.quiet)
+    return 0
