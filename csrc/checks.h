@@ -9,21 +9,45 @@
 
 namespace zfkernels {
 
-// Coordinates and window geometry are computed in 32 bits (kernels/common.h).
+// Coordinates and window geometry are computed in 32 bits (kernels/common.h): every map size,
+// kernel, stride, padding and dilated span is bounded by kMaxExtent, so sums such as
+// `oy + padding` or `origin + (k - 1) * dilation` stay below 2^31.
 constexpr int64_t kMaxExtent = int64_t(1) << 30;
 
-inline void check_float4d(const char* op, const char* name, const at::Tensor& t, const char* dims) {
-  TORCH_CHECK_VALUE(t.dim() == 4, op, ": expected a 4-D ", name, " ", dims, ", got ", t.dim(), "-D");
-  for (int64_t d = 1; d < 4; ++d)
-    TORCH_CHECK_VALUE(t.size(d) < kMaxExtent, op, ": ", name, " has a dimension of ", t.size(d), " (limit 2^30)");
+inline void check_extent(const char* op, const char* name, int64_t value) {
+  TORCH_CHECK_VALUE(value < kMaxExtent, op, ": ", name, " is ", value, ", too large (limit 2^30)");
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
                    op, ": ", name, " must be float32, float16 or bfloat16 (or float64), got ", dtype);
 }
 
+// A map argument: batched (N, C, H, W), or unbatched (C, H, W) as PyTorch's own ops accept it.
+// Returns the 4-D view the kernels run on (an unbatched map is a batch of one); unbatch() turns
+// the results back.
+inline at::Tensor batched_map(const char* op, const char* name, const at::Tensor& t, const char* dims) {
+  TORCH_CHECK_VALUE(t.dim() == 4 || t.dim() == 3, op, ": expected a 4-D ", name, " ", dims,
+                    " (or 3-D without the batch), got ", t.dim(), "-D");
+  for (int64_t d = t.dim() - 3; d < t.dim(); ++d)
+    TORCH_CHECK_VALUE(t.size(d) < kMaxExtent, op, ": ", name, " has a dimension of ", t.size(d), " (limit 2^30)");
+  check_float_dtype(op, name, t);
+  return t.dim() == 3 ? t.unsqueeze(0) : t;
+}
+
+inline at::Tensor unbatch(const at::Tensor& out, bool batched) {
+  return batched ? out : out.squeeze(0);
+}
+
 inline void check_pair(const char* op, const char* name, at::IntArrayRef v) {
   TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have two values (H, W), got ", v.size());
   TORCH_CHECK_VALUE(v[0] < kMaxExtent && v[1] < kMaxExtent, op, ": ", name, " ", v, " is too large (limit 2^30)");
+}
+
+inline void check_positive_pair(const char* op, const char* name, at::IntArrayRef v) {
+  check_pair(op, name, v);
+  TORCH_CHECK_VALUE(v[0] > 0 && v[1] > 0, op, ": ", name, " must be positive, got ", v);
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
@@ -32,61 +56,99 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                     ref.device(), "; move them to one device");
 }
 
-// Size of a pooled axis exactly as PyTorch's pooling_output_shape computes it.
-inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, bool ceil_mode) {
-  int64_t out = floor_div(in + 2 * p - (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
+// Size of a pooled axis exactly as PyTorch's pooling_output_shape computes it
+// (zfkernels.ops.pooled_size is the same formula in Python).
+inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  int64_t out = floor_div(in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
   if (ceil_mode && (out - 1) * s >= in + p) --out;  // the last window must start inside the input
   return out;
 }
 
-// Checks kernel_size / stride / padding for a pooling over an in_h x in_w map.
-inline void check_pool_geometry(const char* op, int64_t in_h, int64_t in_w, at::IntArrayRef kernel,
-                                at::IntArrayRef stride, at::IntArrayRef padding) {
-  check_pair(op, "kernel_size", kernel);
-  check_pair(op, "stride", stride);
+// The first window along one axis (of `out`) none of whose taps reads a real pixel, or -1.
+// Dilation can leave a border window with its taps only in the padding and the gaps between
+// them; PyTorch then returns -inf with an index outside the map, which no switch can encode.
+// Only windows that cross a border can miss, so only those are visited.
+inline int64_t window_without_pixels(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t inside_lo = imin(ceil_div(p, s), out);
+  const int64_t inside_hi = imax(imin(floor_div(in - 1 - (k - 1) * d + p, s) + 1, out), inside_lo);
+  const auto misses = [&](int64_t o) {
+    int64_t begin, end;
+    taps_inside(o * s - p, k, d, in, &begin, &end);
+    return begin >= end;
+  };
+  for (int64_t o = 0; o < inside_lo; ++o)
+    if (misses(o)) return o;
+  for (int64_t o = inside_hi; o < out; ++o)
+    if (misses(o)) return o;
+  return -1;
+}
+
+// Checks kernel_size / stride / padding / dilation for a pooling over an in_h x in_w map.
+inline void check_pool_args(const char* op, int64_t in_h, int64_t in_w, at::IntArrayRef kernel,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_positive_pair(op, "kernel_size", kernel);
+  check_positive_pair(op, "stride", stride);
   check_pair(op, "padding", padding);
-  TORCH_CHECK_VALUE(kernel[0] > 0 && kernel[1] > 0, op, ": kernel_size must be positive, got ", kernel);
-  TORCH_CHECK_VALUE(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  check_positive_pair(op, "dilation", dilation);
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0 && 2 * padding[0] <= kernel[0] && 2 * padding[1] <= kernel[1],
                     op, ": padding must be between 0 and half of kernel_size, got padding ", padding,
                     " for kernel_size ", kernel);
   TORCH_CHECK_VALUE(kernel[0] * kernel[1] <= 256, op, ": kernel_size ", kernel, " has ", kernel[0] * kernel[1],
                     " elements per window; uint8 switches address at most 256");
   TORCH_CHECK_VALUE(in_h > 0 && in_w > 0, op, ": the pooled map must be non-empty, got ", in_h, "x", in_w);
-  TORCH_CHECK_VALUE(in_h + 2 * padding[0] >= kernel[0] && in_w + 2 * padding[1] >= kernel[1], op, ": kernel_size ",
-                    kernel, " is larger than the padded input (", in_h + 2 * padding[0], ", ",
-                    in_w + 2 * padding[1], ")");
+  const int64_t span_h = (kernel[0] - 1) * dilation[0] + 1, span_w = (kernel[1] - 1) * dilation[1] + 1;
+  TORCH_CHECK_VALUE(in_h + 2 * padding[0] >= span_h && in_w + 2 * padding[1] >= span_w, op, ": kernel_size ", kernel,
+                    " with dilation ", dilation, " spans ", span_h, "x", span_w, ", larger than the padded input (",
+                    in_h + 2 * padding[0], ", ", in_w + 2 * padding[1], ")");
 }
 
 inline PoolGeometry make_geometry(int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, at::IntArrayRef kernel,
-                                  at::IntArrayRef stride, at::IntArrayRef padding) {
-  return PoolGeometry{in_h, in_w, out_h, out_w, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]};
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return PoolGeometry{in_h,      in_w,      out_h,      out_w,      kernel[0],   kernel[1],
+                      stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+// Every window must read a pixel: its switch is the offset of one.
+inline void check_windows_read_pixels(const char* op, const PoolGeometry& g) {
+  const int64_t row = window_without_pixels(g.in_h, g.out_h, g.k_h, g.s_h, g.p_h, g.d_h);
+  const int64_t column = window_without_pixels(g.in_w, g.out_w, g.k_w, g.s_w, g.p_w, g.d_w);
+  TORCH_CHECK_VALUE(row < 0 && column < 0, op, ": with kernel_size [", g.k_h, ", ", g.k_w, "], padding [", g.p_h,
+                    ", ", g.p_w, "] and dilation [", g.d_h, ", ", g.d_w, "], the windows of ",
+                    (row >= 0 ? "row " : "column "), (row >= 0 ? row : column), " read no pixel of the ", g.in_h,
+                    "x", g.in_w, " input (all their taps fall in the padding or between pixels)");
 }
 
 // The pooled map size (H, W) and the switch tensor's spatial size must fit one another.
 inline PoolGeometry check_unpool_geometry(const char* op, at::IntArrayRef input_size, int64_t out_h, int64_t out_w,
-                                          at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding) {
+                                          at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation) {
   check_pair(op, "input_size", input_size);
   TORCH_CHECK_VALUE(input_size[0] > 0 && input_size[1] > 0, op, ": input_size must be positive, got ", input_size);
-  check_pool_geometry(op, input_size[0], input_size[1], kernel, stride, padding);
+  check_pool_args(op, input_size[0], input_size[1], kernel, stride, padding, dilation);
+  int64_t size[2][2];  // [ceil_mode][axis]
   bool fits = false;
-  for (bool ceil_mode : {false, true}) {
-    fits = fits || (pooled_size(input_size[0], kernel[0], stride[0], padding[0], ceil_mode) == out_h &&
-                    pooled_size(input_size[1], kernel[1], stride[1], padding[1], ceil_mode) == out_w);
+  for (int ceil_mode = 0; ceil_mode < 2; ++ceil_mode) {
+    for (int axis = 0; axis < 2; ++axis)
+      size[ceil_mode][axis] = pooled_size(input_size[axis], kernel[axis], stride[axis], padding[axis], dilation[axis],
+                                          ceil_mode == 1);
+    fits = fits || (size[ceil_mode][0] == out_h && size[ceil_mode][1] == out_w);
   }
   TORCH_CHECK_VALUE(fits, op, ": input_size ", input_size, " cannot have produced a pooled map of ", out_h, "x", out_w,
-                    " with kernel_size ", kernel, ", stride ", stride, ", padding ", padding, " (it gives ",
-                    pooled_size(input_size[0], kernel[0], stride[0], padding[0], false), "x",
-                    pooled_size(input_size[1], kernel[1], stride[1], padding[1], false), ", or ",
-                    pooled_size(input_size[0], kernel[0], stride[0], padding[0], true), "x",
-                    pooled_size(input_size[1], kernel[1], stride[1], padding[1], true), " with ceil_mode)");
-  return make_geometry(input_size[0], input_size[1], out_h, out_w, kernel, stride, padding);
+                    " with kernel_size ", kernel, ", stride ", stride, ", padding ", padding, ", dilation ", dilation,
+                    " (it gives ", size[0][0], "x", size[0][1], ", or ", size[1][0], "x", size[1][1],
+                    " with ceil_mode)");
+  const PoolGeometry g = make_geometry(input_size[0], input_size[1], out_h, out_w, kernel, stride, padding, dilation);
+  check_windows_read_pixels(op, g);
+  return g;
 }
 
-inline void check_switches_tensor(const char* op, const at::Tensor& switches) {
-  TORCH_CHECK_VALUE(switches.dim() == 4, op, ": expected 4-D switches (N, C, h, w), got ", switches.dim(), "-D");
+// Switches: (N, C, h, w), or unbatched (C, h, w) beside an unbatched map. Returns the 4-D view.
+inline at::Tensor batched_switches(const char* op, const at::Tensor& switches) {
+  TORCH_CHECK_VALUE(switches.dim() == 4 || switches.dim() == 3, op,
+                    ": expected 4-D switches (N, C, h, w) (or 3-D without the batch), got ", switches.dim(), "-D");
   TORCH_CHECK_TYPE(switches.scalar_type() == at::kByte, op, ": switches must be uint8 (as maxpool_switches returns them), got ",
                    switches.scalar_type());
+  return switches.dim() == 3 ? switches.unsqueeze(0) : switches;
 }
 
 // An optional int64 (B,) index vector (`rows` of unpool, `channels` of project) whose values

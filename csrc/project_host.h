@@ -3,6 +3,8 @@
 
 #include <ATen/detail/CUDAHooksInterface.h>
 
+#include <numeric>
+
 #include "checks.h"
 #include "kernels/project.h"
 
@@ -10,46 +12,78 @@ namespace zfkernels {
 
 struct ProjectPlan {
   ProjectGeometry geometry;
+  ProjectGroups groups;
+  int64_t groups_count;
   int64_t out_channels;  // C_in of the forward convolution: the projection's channels
+  at::Tensor x;          // 4-D (an unbatched x is a batch of one)
+  bool batched;
+
+  at::Tensor result(const at::Tensor& out) const { return unbatch(out, batched); }
 };
 
-inline ProjectPlan plan_project(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+// The size of one projected axis, as F.conv_transpose2d computes it.
+inline int64_t projected_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, int64_t output_padding) {
+  return (in - 1) * s - 2 * p + d * (k - 1) + 1 + output_padding;
+}
+
+inline ProjectPlan plan_project(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                const std::optional<at::Tensor>& channels) {
+                                const std::optional<at::Tensor>& channels, int64_t groups, at::IntArrayRef dilation) {
   constexpr const char* op = "project";
-  check_float4d(op, "x", x, "(B, C_out, h, w)");
-  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be a 4-D (C_out, C_in, kH, kW) tensor, got ", weight.dim(),
-                    "-D");
+  TORCH_CHECK_VALUE(!channels.has_value() || input.dim() == 4, op,
+                    ": with channels=, x must be 4-D (B, 1, h, w) -- one selected feature map per row -- got ",
+                    input.dim(), "-D");
+  const at::Tensor x = batched_map(op, "x", input, "(B, C_out, h, w)");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, ": weight must be a 4-D (C_out, C_in / groups, kH, kW) tensor, got ",
+                    weight.dim(), "-D");
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
                    " but x has ", x.scalar_type());
   check_same_device(op, "weight", weight, "x", x);
-  check_pair(op, "stride", stride);
+  for (int64_t d = 0; d < 4; ++d) check_extent(op, "a dimension of weight", weight.size(d));
+  TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight of shape ", weight.sizes(),
+                    " is empty (C_out, C_in / groups, kH and kW must all be positive)");
+  check_positive_pair(op, "stride", stride);
   check_pair(op, "padding", padding);
   check_pair(op, "output_padding", output_padding);
-  TORCH_CHECK_VALUE(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  check_positive_pair(op, "dilation", dilation);
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
-  TORCH_CHECK_VALUE(output_padding[0] >= 0 && output_padding[1] >= 0 && output_padding[0] < stride[0] &&
-                        output_padding[1] < stride[1],
-                    op, ": output_padding must be non-negative and smaller than stride, got ", output_padding,
-                    " for stride ", stride);
-  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0 && weight.size(2) < kMaxExtent && weight.size(3) < kMaxExtent,
-                    op, ": weight has a kernel of ", weight.size(2), "x", weight.size(3));
+  for (int axis = 0; axis < 2; ++axis) {
+    TORCH_CHECK_VALUE(output_padding[axis] >= 0 &&
+                          (output_padding[axis] < stride[axis] || output_padding[axis] < dilation[axis]),
+                      op, ": output_padding must be non-negative and smaller than stride or dilation, got ",
+                      output_padding, " for stride ", stride, " and dilation ", dilation);
+    check_extent(op, "the dilated kernel's span", (weight.size(2 + axis) - 1) * dilation[axis] + 1);
+  }
+  const int64_t c_out = weight.size(0);
+  TORCH_CHECK_VALUE(groups > 0, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK_VALUE(c_out % groups == 0, op, ": groups = ", groups, " does not divide weight's C_out = ", c_out,
+                    " (weight is the forward convolution's (C_out, C_in / groups, kH, kW))");
   if (channels.has_value()) {
     TORCH_CHECK_VALUE(x.size(1) == 1, op, ": with channels=, x must be (B, 1, h, w) -- one selected feature map per row",
                       " -- got ", x.size(1), " channels");
-    check_index_vector(op, "channels", *channels, x.size(0), weight.size(0), "weight's C_out", x, "x");
+    check_index_vector(op, "channels", *channels, x.size(0), c_out, "weight's C_out", x, "x");
   } else {
-    TORCH_CHECK_VALUE(x.size(1) == weight.size(0), op, ": x has ", x.size(1), " channels but weight expects C_out = ",
-                      weight.size(0), " (weight is the forward convolution's (C_out, C_in, kH, kW))");
+    TORCH_CHECK_VALUE(x.size(1) == c_out, op, ": x has ", x.size(1), " channels but weight expects C_out = ", c_out,
+                      " (weight is the forward convolution's (C_out, C_in / groups, kH, kW))");
   }
-  const int64_t out_h = (x.size(2) - 1) * stride[0] - 2 * padding[0] + weight.size(2) + output_padding[0];
-  const int64_t out_w = (x.size(3) - 1) * stride[1] - 2 * padding[1] + weight.size(3) + output_padding[1];
-  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0 && out_h > 0 && out_w > 0, op, ": output size would be ", out_h,
-                    "x", out_w, " for x of ", x.size(2), "x", x.size(3), " (padding ", padding, " too large?)");
-  return ProjectPlan{
-      ProjectGeometry{x.size(2), x.size(3), out_h, out_w, weight.size(2), weight.size(3), stride[0], stride[1],
-                      padding[0], padding[1]},
-      weight.size(1)};
+  int64_t out_size[2];
+  for (int axis = 0; axis < 2; ++axis) {
+    out_size[axis] = projected_size(x.size(2 + axis), weight.size(2 + axis), stride[axis], padding[axis],
+                                    dilation[axis], output_padding[axis]);
+  }
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0 && out_size[0] > 0 && out_size[1] > 0, op, ": output size would be ",
+                    out_size[0], "x", out_size[1], " for x of ", x.size(2), "x", x.size(3), " (padding ", padding,
+                    " too large?)");
+  // Output coordinates are 32-bit in the kernels (kernels/project.h).
+  TORCH_CHECK_VALUE(out_size[0] < kMaxExtent && out_size[1] < kMaxExtent, op, ": output size would be ", out_size[0],
+                    "x", out_size[1], " for x of ", x.size(2), "x", x.size(3), " (limit 2^30)");
+  const ProjectGeometry g{x.size(2),  x.size(3),   out_size[0], out_size[1], weight.size(2),
+                          weight.size(3), stride[0], stride[1],  padding[0],  padding[1],
+                          dilation[0], dilation[1], stride[0] / std::gcd(stride[0], dilation[0]),
+                          stride[1] / std::gcd(stride[1], dilation[1])};
+  const int64_t out_channels = weight.size(1) * groups;
+  check_extent(op, "the projection's channel count C_in", out_channels);
+  return ProjectPlan{g, ProjectGroups{c_out / groups, weight.size(1)}, groups, out_channels, x, input.dim() == 4};
 }
 
 inline at::MemoryFormat project_output_format(const at::Tensor& x) {
@@ -57,30 +91,35 @@ inline at::MemoryFormat project_output_format(const at::Tensor& x) {
 }
 
 // Dense projection through the vendor library (oneDNN on CPU, cuDNN on CUDA): at these shapes
-// it is a plain transposed convolution that the library already does well. On CUDA, cuDNN is
-// called directly with deterministic algorithms and no benchmarking: through at::conv_transpose2d
-// it may pick nondeterministic ones, and the same inputs must give the same bits.
-inline at::Tensor project_dense(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef output_padding) {
+// it is a plain (grouped, dilated) transposed convolution that the library already does well. On
+// CUDA, cuDNN is called directly with deterministic algorithms and no benchmarking: through
+// at::conv_transpose2d it may pick nondeterministic ones, and the same inputs must give the same
+// bits.
+inline at::Tensor project_dense(const ProjectPlan& plan, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
+  const at::Tensor& x = plan.x;
+  const auto format = project_output_format(x);
+  const int64_t groups = plan.groups_count;
   if (x.size(0) == 0) {
-    const int64_t out_h = (x.size(2) - 1) * stride[0] - 2 * padding[0] + weight.size(2) + output_padding[0];
-    const int64_t out_w = (x.size(3) - 1) * stride[1] - 2 * padding[1] + weight.size(3) + output_padding[1];
-    return at::empty({0, weight.size(1), out_h, out_w}, x.options().memory_format(project_output_format(x)));
+    return plan.result(
+        at::empty({0, plan.out_channels, plan.geometry.out_h, plan.geometry.out_w}, x.options().memory_format(format)));
   }
   if (x.is_cuda() && at::globalContext().userEnabledCuDNN() && at::detail::getCUDAHooks().compiledWithCuDNN()) {
-    return at::cudnn_convolution_transpose(x, weight, padding, output_padding, stride, {1, 1}, 1, /*benchmark=*/false,
-                                           /*deterministic=*/true, at::globalContext().allowTF32CuDNN())
-        .contiguous(project_output_format(x));
+    return plan.result(at::cudnn_convolution_transpose(x, weight, padding, output_padding, stride, dilation, groups,
+                                                       /*benchmark=*/false, /*deterministic=*/true,
+                                                       at::globalContext().allowTF32CuDNN())
+                           .contiguous(format));
   }
   if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
     // oneDNN's half-precision transposed convolution does not accumulate in float on every CPU;
     // the op promises float accumulation (as its other paths), so compute in float and round once.
-    return at::conv_transpose2d(x.to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, output_padding, 1, {1, 1})
-        .to(x.scalar_type())
-        .contiguous(project_output_format(x));
+    return plan.result(at::conv_transpose2d(x.to(at::kFloat), weight.to(at::kFloat), {}, stride, padding,
+                                            output_padding, groups, dilation)
+                           .to(x.scalar_type())
+                           .contiguous(format));
   }
-  return at::conv_transpose2d(x, weight, {}, stride, padding, output_padding, 1, {1, 1})
-      .contiguous(project_output_format(x));
+  return plan.result(
+      at::conv_transpose2d(x, weight, {}, stride, padding, output_padding, groups, dilation).contiguous(format));
 }
 
 }  // namespace zfkernels

@@ -16,40 +16,59 @@ inline void check_switch_values(const char* op, int64_t invalid, const PoolGeome
                     " input (corrupt switches, or switches of another geometry)");
 }
 
-inline PoolGeometry check_switches_to_indices_args(const at::Tensor& switches, at::IntArrayRef input_size,
-                                                   at::IntArrayRef kernel, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding) {
+struct SwitchesPlan {
+  PoolGeometry geometry;
+  at::Tensor switches;  // 4-D (unbatched switches are a batch of one)
+  at::Tensor out;       // int64 indices
+  bool channels_last, batched;
+
+  at::Tensor result() const { return unbatch(out, batched); }
+};
+
+inline SwitchesPlan plan_switches_to_indices(const at::Tensor& input, at::IntArrayRef input_size,
+                                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation) {
   constexpr const char* op = "switches_to_indices";
-  check_switches_tensor(op, switches);
-  return check_unpool_geometry(op, input_size, switches.size(2), switches.size(3), kernel, stride, padding);
+  const at::Tensor switches = batched_switches(op, input);
+  const PoolGeometry g =
+      check_unpool_geometry(op, input_size, switches.size(2), switches.size(3), kernel, stride, padding, dilation);
+  const bool channels_last = prefers_channels_last(switches);
+  auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
+                                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  return SwitchesPlan{g, switches, out, channels_last, input.dim() == 4};
 }
 
 struct UnpoolPlan {
   PoolGeometry geometry;
+  at::Tensor y, switches;  // 4-D (an unbatched pair is a batch of one)
   at::Tensor out;
-  bool channels_last;
+  bool channels_last, batched;
+
+  at::Tensor result() const { return unbatch(out, batched); }
 };
 
-inline UnpoolPlan plan_unpool(const at::Tensor& y, const at::Tensor& switches, at::IntArrayRef input_size,
+inline UnpoolPlan plan_unpool(const at::Tensor& y_in, const at::Tensor& switches_in, at::IntArrayRef input_size,
                               at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                              const std::optional<at::Tensor>& rows) {
+                              at::IntArrayRef dilation, const std::optional<at::Tensor>& rows) {
   constexpr const char* op = "unpool";
-  check_float4d(op, "y", y, "(B, C, h, w)");
-  check_switches_tensor(op, switches);
+  const at::Tensor y = batched_map(op, "y", y_in, "(B, C, h, w)");
+  const at::Tensor switches = batched_switches(op, switches_in);
   check_same_device(op, "switches", switches, "y", y);
+  const bool batched = y_in.dim() == 4;
   if (rows.has_value()) {
-    TORCH_CHECK_VALUE(switches.sizes().slice(1) == y.sizes().slice(1), op, ": switches shape ", switches.sizes(),
-                      " does not match y's (C, h, w) ", y.sizes().slice(1));
+    TORCH_CHECK_VALUE(batched, op, ": rows= needs a batched y (B, C, h, w), got a 3-D y");
+    TORCH_CHECK_VALUE(switches_in.dim() == 4 && switches.sizes().slice(1) == y.sizes().slice(1), op,
+                      ": switches shape ", switches_in.sizes(), " does not match y's (C, h, w) ", y.sizes().slice(1));
     check_index_vector(op, "rows", *rows, y.size(0), switches.size(0), "the switches' batch", y, "y");
   } else {
-    TORCH_CHECK_VALUE(switches.sizes() == y.sizes(), op, ": switches shape ", switches.sizes(),
-                      " does not match y's shape ", y.sizes(), " (pass rows= to share switches between rows)");
+    TORCH_CHECK_VALUE(switches_in.sizes() == y_in.sizes(), op, ": switches shape ", switches_in.sizes(),
+                      " does not match y's shape ", y_in.sizes(), " (pass rows= to share switches between rows)");
   }
-  const PoolGeometry g = check_unpool_geometry(op, input_size, y.size(2), y.size(3), kernel, stride, padding);
+  const PoolGeometry g = check_unpool_geometry(op, input_size, y.size(2), y.size(3), kernel, stride, padding, dilation);
   const bool channels_last = prefers_channels_last(y);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   auto out = at::empty({y.size(0), y.size(1), g.in_h, g.in_w}, y.options().memory_format(format));
-  return UnpoolPlan{g, out, channels_last};
+  return UnpoolPlan{g, y, switches, out, channels_last, batched};
 }
 
 }  // namespace zfkernels

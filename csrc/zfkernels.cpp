@@ -11,9 +11,15 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Arguments added after the first release (dilation, groups) come last, with defaults, so calls
+// written against the earlier schemas keep working.
 TORCH_LIBRARY(zfkernels, m) {
-  m.def("maxpool_switches(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("switches_to_indices(Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
-  m.def("unpool(Tensor y, Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, Tensor? rows, bool rectify) -> Tensor");
-  m.def("project(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] output_padding, Tensor? channels) -> Tensor");
+  m.def("maxpool_switches(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+        "int[2] dilation=1) -> (Tensor, Tensor)");
+  m.def("switches_to_indices(Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation=1) -> Tensor");
+  m.def("unpool(Tensor y, Tensor switches, int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "Tensor? rows, bool rectify, int[2] dilation=1) -> Tensor");
+  m.def("project(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] output_padding, Tensor? channels, "
+        "int groups=1, int[2] dilation=1) -> Tensor");
 }

@@ -160,8 +160,9 @@ ERRORS = (RuntimeError, ValueError, TypeError)
 
 
 def test_rejects_wrong_rank(device):
-    with pytest.raises(ERRORS, match=r"maxpool_switches.*4-D.*x"):
-        zfkernels.maxpool_switches(torch.randn(3, 8, 8, device=device), 2)
+    for shape in ((8, 8), (1, 1, 3, 8, 8)):
+        with pytest.raises(ERRORS, match=r"maxpool_switches: expected a 4-D input x .* \(or 3-D without the batch\)"):
+            zfkernels.maxpool_switches(torch.randn(shape, device=device), 2)
 
 
 def test_rejects_integer_dtype(device):

@@ -137,7 +137,7 @@ def test_empty_batch(device, dtype):
 
 def test_rejects_wrong_rank(device):
     with pytest.raises(ValueError, match=r"project: expected a 4-D x"):
-        zfkernels.project(torch.randn(8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device))
+        zfkernels.project(torch.randn(8, 6, device=device), torch.randn(8, 5, 3, 3, device=device))
     with pytest.raises(ValueError, match=r"project: weight must be a 4-D"):
         zfkernels.project(torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, device=device))
 

@@ -172,7 +172,9 @@ def valid(device):
 def test_rejects_wrong_rank(device):
     y, switches = valid(device)
     with pytest.raises(ValueError, match=r"unpool: expected a 4-D y"):
-        zfkernels.unpool(y[0], switches, (11, 11), 3, 2)
+        zfkernels.unpool(y[0, 0], switches, (11, 11), 3, 2)
+    with pytest.raises(ValueError, match=r"unpool: switches shape .* does not match y's shape"):
+        zfkernels.unpool(y[0], switches, (11, 11), 3, 2)  # an unbatched y needs unbatched switches
 
 
 def test_rejects_integer_y(device):

@@ -15,10 +15,12 @@ namespace {
 
 // Interior windows of one output row, for a compile-time window and column stride: the same
 // update rule as maxpool_window with every loop bound known, so the loop over ow vectorises.
-// `top` points at the window row origin h0 (fully inside the map) and column 0.
+// `top` points at the window row origin h0 (fully inside the map) and column 0; tap (ky, kx)
+// reads top[ky * row_step + kx * col_step] (row_step and col_step carry the dilation).
 template <typename scalar_t, int KH, int KW, int SW>
-ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t row_stride, int64_t p_w, int64_t ow_begin,
-                       int64_t ow_end, scalar_t* __restrict__ out, uint8_t* __restrict__ switches) {
+ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t row_step, int64_t col_step, int64_t p_w,
+                                     int64_t ow_begin, int64_t ow_end, scalar_t* __restrict__ out,
+                                     uint8_t* __restrict__ switches) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
     const scalar_t* window = top + ow * SW - p_w;
@@ -28,7 +30,7 @@ ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t r
     for (int ky = 0; ky < KH; ++ky) {
 #pragma GCC unroll 16
       for (int kx = 0; kx < KW; ++kx) {
-        const acc_t v = static_cast<acc_t>(window[ky * row_stride + kx]);
+        const acc_t v = static_cast<acc_t>(window[ky * row_step + kx * col_step]);
         const bool takes = pool_takes(v, best);
         best = takes ? v : best;
         arg = takes ? ky * KW + kx : arg;
@@ -40,9 +42,10 @@ ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t r
 }
 
 template <typename scalar_t>
-using RowFn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*, uint8_t*);
+using RowFn = void (*)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, scalar_t*, uint8_t*);
 
-// The windows of ZFNet / AlexNet (3x3 stride 2) and VGG (2x2 stride 2) get a specialised row.
+// The windows of ZFNet / AlexNet (3x3 stride 2) and VGG (2x2 stride 2) get a specialised row,
+// dilated or not.
 template <typename scalar_t>
 RowFn<scalar_t> interior_row_for(const PoolGeometry& g) {
   if (g.k_h == 3 && g.k_w == 3 && g.s_w == 2) return pool_row_interior<scalar_t, 3, 3, 2>;
@@ -52,16 +55,19 @@ RowFn<scalar_t> interior_row_for(const PoolGeometry& g) {
 }
 
 template <typename scalar_t>
-void pool_nchw(const at::Tensor& x, const MaxpoolPlan& plan) {
+void pool_nchw(const MaxpoolPlan& plan) {
+  const at::Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const int64_t planes = x.size(0) * x.size(1);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
   uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
   const RowFn<scalar_t> row_fn = interior_row_for<scalar_t>(g);
-  // Columns whose windows lie wholly inside the map.
+  // Columns whose windows lie wholly inside the map: first tap at or after column 0, last one
+  // before in_w.
+  const int64_t span_h = (g.k_h - 1) * g.d_h + 1, span_w = (g.k_w - 1) * g.d_w + 1;
   const int64_t ow_lo = imin(ceil_div(g.p_w, g.s_w), g.out_w);
-  const int64_t ow_hi = imax(imin(floor_div(g.in_w - g.k_w + g.p_w, g.s_w) + 1, g.out_w), ow_lo);
+  const int64_t ow_hi = imax(imin(floor_div(g.in_w - span_w + g.p_w, g.s_w) + 1, g.out_w), ow_lo);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* plane = in + p * g.in_h * g.in_w;
@@ -69,12 +75,13 @@ void pool_nchw(const at::Tensor& x, const MaxpoolPlan& plan) {
         scalar_t* out_row = out + (p * g.out_h + oh) * g.out_w;
         uint8_t* sw_row = sw + (p * g.out_h + oh) * g.out_w;
         const int64_t h0 = oh * g.s_h - g.p_h;
-        const bool rows_inside = h0 >= 0 && h0 + g.k_h <= g.in_h;
+        const bool rows_inside = h0 >= 0 && h0 + span_h <= g.in_h;
         const int64_t fast_lo = (row_fn && rows_inside) ? ow_lo : g.out_w;
         const int64_t fast_hi = (row_fn && rows_inside) ? ow_hi : g.out_w;
         for (int64_t ow = 0; ow < fast_lo; ++ow)
           maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
-        if (fast_hi > fast_lo) row_fn(plane + h0 * g.in_w, g.in_w, g.p_w, fast_lo, fast_hi, out_row, sw_row);
+        if (fast_hi > fast_lo)
+          row_fn(plane + h0 * g.in_w, g.d_h * g.in_w, g.d_w, g.p_w, fast_lo, fast_hi, out_row, sw_row);
         for (int64_t ow = fast_hi; ow < g.out_w; ++ow)
           maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
       }
@@ -96,8 +103,9 @@ ZF_CPU_CLONES_WIDE void pool_update_channels(const scalar_t* __restrict__ px, ac
 }
 
 template <typename scalar_t>
-void pool_channels_last(const at::Tensor& x, const MaxpoolPlan& plan) {
+void pool_channels_last(const MaxpoolPlan& plan) {
   using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const int64_t C = x.size(1);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -110,21 +118,24 @@ void pool_channels_last(const at::Tensor& x, const MaxpoolPlan& plan) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const scalar_t* image = in + n * g.in_h * g.in_w * C;
       const int64_t h0 = oh * g.s_h - g.p_h;
-      const int64_t h_begin = imax(h0, 0), h_end = imin(h0 + g.k_h, g.in_h);
+      int64_t ky_begin, ky_end;
+      taps_inside(h0, g.k_h, g.d_h, g.in_h, &ky_begin, &ky_end);
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         const int64_t w0 = ow * g.s_w - g.p_w;
-        const int64_t w_begin = imax(w0, 0), w_end = imin(w0 + g.k_w, g.in_w);
-        const int32_t first = static_cast<int32_t>((h_begin - h0) * g.k_w + (w_begin - w0));
+        int64_t kx_begin, kx_end;
+        taps_inside(w0, g.k_w, g.d_w, g.in_w, &kx_begin, &kx_end);
+        const int32_t first = static_cast<int32_t>(ky_begin * g.k_w + kx_begin);
         acc_t* __restrict__ b = best.data();
         int32_t* __restrict__ a = arg.data();
         for (int64_t c = 0; c < C; ++c) {
           b[c] = static_cast<acc_t>(-INFINITY);
           a[c] = first;
         }
-        for (int64_t ih = h_begin; ih < h_end; ++ih) {
-          for (int64_t iw = w_begin; iw < w_end; ++iw) {
-            const int32_t offset = static_cast<int32_t>((ih - h0) * g.k_w + (iw - w0));
-            pool_update_channels<scalar_t, acc_t>(image + (ih * g.in_w + iw) * C, b, a, offset, C);
+        for (int64_t ky = ky_begin; ky < ky_end; ++ky) {
+          for (int64_t kx = kx_begin; kx < kx_end; ++kx) {
+            const int64_t ih = h0 + ky * g.d_h, iw = w0 + kx * g.d_w;
+            pool_update_channels<scalar_t, acc_t>(image + (ih * g.in_w + iw) * C, b, a,
+                                                  static_cast<int32_t>(ky * g.k_w + kx), C);
           }
         }
         scalar_t* __restrict__ o = out + ((n * g.out_h + oh) * g.out_w + ow) * C;
@@ -140,7 +151,8 @@ void pool_channels_last(const at::Tensor& x, const MaxpoolPlan& plan) {
 
 // Any other strides: one output element at a time through the shared body (the CUDA path).
 template <typename scalar_t>
-void pool_strided(const at::Tensor& x, const MaxpoolPlan& plan) {
+void pool_strided(const MaxpoolPlan& plan) {
+  const at::Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const Strides4 xs = strides_of(x), os = strides_of(plan.out), ss = strides_of(plan.switches);
   const int64_t C = x.size(1);
@@ -160,19 +172,19 @@ void pool_strided(const at::Tensor& x, const MaxpoolPlan& plan) {
 
 std::tuple<at::Tensor, at::Tensor> maxpool_switches_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                                        bool ceil_mode) {
-  MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, ceil_mode);
-  if (plan.out.numel() == 0) return {plan.out, plan.switches};
+                                                        bool ceil_mode, at::IntArrayRef dilation) {
+  const MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, dilation, ceil_mode);
+  if (plan.out.numel() == 0) return plan.result();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "maxpool_switches_cpu", [&] {
-    if (!plan.channels_last && x.is_contiguous()) {
-      pool_nchw<scalar_t>(x, plan);
-    } else if (plan.channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      pool_channels_last<scalar_t>(x, plan);
+    if (!plan.channels_last && plan.x.is_contiguous()) {
+      pool_nchw<scalar_t>(plan);
+    } else if (plan.channels_last && plan.x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      pool_channels_last<scalar_t>(plan);
     } else {
-      pool_strided<scalar_t>(x, plan);
+      pool_strided<scalar_t>(plan);
     }
   });
-  return {plan.out, plan.switches};
+  return plan.result();
 }
 
 }  // namespace

@@ -14,9 +14,28 @@
 namespace zfkernels {
 namespace {
 
-// Many output channels (conv2..conv5): for each output pixel, the taps of project_pixel in the
-// same order, each adding x * w[channel, :, ky, kx] to all output channels at once from a copy
-// of the weights laid out (C_out, kH, kW, C_in).
+// Rows whose filter has groups > 1: the channels outside the filter's group are zero (the
+// loops below fill only the group's planes). Planes are contiguous in NCHW.
+template <typename scalar_t>
+void zero_other_groups(const ProjectPlan& plan, const at::Tensor& channels, at::Tensor& out) {
+  if (plan.groups_count == 1) return;
+  const int64_t C = out.size(1), plane = plan.geometry.out_h * plan.geometry.out_w, cg = plan.groups.channels;
+  const int64_t* ch = channels.const_data_ptr<int64_t>();
+  const int64_t ch_stride = channels.stride(0);
+  scalar_t* od = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, out.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = plan.groups.first_channel(ch[b * ch_stride]);
+      scalar_t* ob = od + b * C * plane;
+      std::fill(ob, ob + first * plane, scalar_t(0));
+      std::fill(ob + (first + cg) * plane, ob + C * plane, scalar_t(0));
+    }
+  });
+}
+
+// Many output channels per group (conv2..conv5, ResNeXt's groups of 16): for each output pixel,
+// the taps of project_pixel in the same order, each adding x * w[channel, :, ky, kx] to all of
+// the group's output channels at once from a copy of the weights laid out (C_out, kH, kW, C_in / groups).
 template <typename acc_t>
 ZF_CPU_CLONES_WIDE void axpy(acc_t* __restrict__ acc, const acc_t* __restrict__ w, acc_t x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x * w[i];
@@ -28,10 +47,12 @@ ZF_CPU_CLONES_WIDE void store_strided(scalar_t* __restrict__ out, const acc_t* _
 }
 
 template <typename scalar_t>
-void project_rows_by_channel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
-                             const ProjectGeometry& g, at::Tensor& out) {
+void project_rows_by_channel(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
+                             at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = out.size(1), pixels = g.out_h * g.out_w;
+  const ProjectGeometry& g = plan.geometry;
+  const at::Tensor& x = plan.x;
+  const int64_t C = out.size(1), cg = plan.groups.channels, pixels = g.out_h * g.out_w;
   const auto w_t = weight.permute({0, 2, 3, 1}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* wt = w_t.template const_data_ptr<acc_t>();
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
@@ -39,21 +60,23 @@ void project_rows_by_channel(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t ch_stride = channels.stride(0);
   const auto xs = strides_of(x);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
+  zero_other_groups<scalar_t>(plan, channels, out);
   at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
+    std::vector<acc_t> acc(cg);
     for (int64_t b = begin; b < end; ++b) {
-      const acc_t* wb = wt + ch[b * ch_stride] * g.k_h * g.k_w * C;
+      const int64_t filter = ch[b * ch_stride];
+      const acc_t* wb = wt + filter * g.k_h * g.k_w * cg;
       const scalar_t* xb = xd + b * xs.n;
-      scalar_t* ob = od + b * C * pixels;
+      scalar_t* ob = od + (b * C + plan.groups.first_channel(filter)) * pixels;
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         for (int64_t ox = 0; ox < g.out_w; ++ox) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for_each_tap(g, oy, ox, [&](int64_t ky, int64_t kx, int64_t iy, int64_t ix) {
-            axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * C, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), C);
+            axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * cg, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), cg);
           });
           // One pixel of every plane: consecutive pixels share cache lines, so the planes'
           // lines stay cached while the row fills them.
-          store_strided<scalar_t, acc_t>(ob + oy * g.out_w + ox, acc.data(), pixels, C);
+          store_strided<scalar_t, acc_t>(ob + oy * g.out_w + ox, acc.data(), pixels, cg);
         }
       }
     }
@@ -65,14 +88,21 @@ ZF_CPU_CLONES void axpy_row(acc_t* __restrict__ acc, const acc_t* __restrict__ s
   for (int64_t i = 0; i < n; ++i) acc[i] += src[i] * w;
 }
 
+// Few output channels per group (conv1, depthwise): one output plane at a time from a copy of
+// the row's map with the stride's zeros inserted and the padding around it, so every tap adds a
+// contiguous row segment (vectorised). Taps that land on inserted zeros add exact zeros, so the
+// sum equals project_pixel's when the weights are finite.
 template <typename scalar_t>
-void project_rows_padded(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
-                         const ProjectGeometry& g, at::Tensor& out) {
+void project_rows_padded(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
+                         at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), C = out.size(1), kh = g.k_h, kw = g.k_w;
-  const int64_t top = kh - 1 - g.p_h, left = kw - 1 - g.p_w;
-  const int64_t xp_h = imax(g.out_h + kh - 1, (g.in_h - 1) * g.s_h + top + 1);
-  const int64_t xp_w = imax(g.out_w + kw - 1, (g.in_w - 1) * g.s_w + left + 1);
+  const ProjectGeometry& g = plan.geometry;
+  const at::Tensor& x = plan.x;
+  const int64_t B = x.size(0), C = out.size(1), cg = plan.groups.channels, kh = g.k_h, kw = g.k_w;
+  const int64_t span_h = (kh - 1) * g.d_h + 1, span_w = (kw - 1) * g.d_w + 1;
+  const int64_t top = span_h - 1 - g.p_h, left = span_w - 1 - g.p_w;
+  const int64_t xp_h = imax(g.out_h + span_h - 1, (g.in_h - 1) * g.s_h + top + 1);
+  const int64_t xp_w = imax(g.out_w + span_w - 1, (g.in_w - 1) * g.s_w + left + 1);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* wd = weight.const_data_ptr<scalar_t>();
   const int64_t* ch = channels.const_data_ptr<int64_t>();
@@ -80,11 +110,12 @@ void project_rows_padded(const at::Tensor& x, const at::Tensor& weight, const at
   const auto xs = strides_of(x), ws = strides_of(weight);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   const int64_t plane = g.out_h * g.out_w;
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+  zero_other_groups<scalar_t>(plan, channels, out);
+  at::parallel_for(0, B * cg, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xp(xp_h * xp_w), wl(kh * kw), acc(g.out_w);
     int64_t padded_row = -1;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / C, ci = item % C;
+      const int64_t b = item / cg, j = item % cg;
       if (b != padded_row) {  // items run b-major: one padded copy per row of x
         std::fill(xp.begin(), xp.end(), acc_t(0));
         for (int64_t iy = 0; iy < g.in_h; ++iy)
@@ -92,17 +123,20 @@ void project_rows_padded(const at::Tensor& x, const at::Tensor& weight, const at
             xp[(iy * g.s_h + top) * xp_w + ix * g.s_w + left] = static_cast<acc_t>(xd[b * xs.n + iy * xs.h + ix * xs.w]);
         padded_row = b;
       }
-      const scalar_t* wb = wd + ch[b * ch_stride] * ws.n + ci * ws.c;
+      const int64_t filter = ch[b * ch_stride];
+      const scalar_t* wb = wd + filter * ws.n + j * ws.c;
       for (int64_t t = 0; t < kh * kw; ++t) wl[t] = static_cast<acc_t>(wb[(t / kw) * ws.h + (t % kw) * ws.w]);
-      scalar_t* o = od + item * plane;
+      scalar_t* o = od + (b * C + plan.groups.first_channel(filter) + j) * plane;
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t ky = (oy + g.p_h) % g.s_h; ky < kh; ky += g.s_h) {
-          const int64_t row = oy + kh - 1 - ky;  // = iy * s + top
+        const int32_t y_off = static_cast<int32_t>(oy + g.p_h);
+        for (int64_t ky = first_tap(y_off, kh, g.s_h, g.d_h, g.t_h); ky < kh; ky += g.t_h) {
+          const int64_t row = oy + (kh - 1 - ky) * g.d_h;  // = iy * s + top
           const int64_t iy = (row - top) / g.s_h;
           if (row < top || iy >= g.in_h) continue;  // a row of padding: all zeros
           const acc_t* src_row = xp.data() + row * xp_w;
-          for (int64_t kx = 0; kx < kw; ++kx) axpy_row<acc_t>(acc.data(), src_row + kw - 1 - kx, wl[ky * kw + kx], g.out_w);
+          for (int64_t kx = 0; kx < kw; ++kx)
+            axpy_row<acc_t>(acc.data(), src_row + (kw - 1 - kx) * g.d_w, wl[ky * kw + kx], g.out_w);
         }
         for (int64_t ox = 0; ox < g.out_w; ++ox) o[oy * g.out_w + ox] = static_cast<scalar_t>(acc[ox]);
       }
@@ -110,10 +144,13 @@ void project_rows_padded(const at::Tensor& x, const at::Tensor& weight, const at
   });
 }
 
+// Any layout: one output element at a time through the shared body, as on CUDA.
 template <typename scalar_t>
-void project_rows_strided(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
-                          const ProjectGeometry& g, at::Tensor& out, bool channels_last) {
+void project_rows_strided(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
+                          at::Tensor& out, bool channels_last) {
   using acc_t = at::opmath_type<scalar_t>;
+  const ProjectGeometry& g = plan.geometry;
+  const at::Tensor& x = plan.x;
   const int64_t C = out.size(1);
   const auto xs = strides_of(x), ws = strides_of(weight), os = strides_of(out);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
@@ -124,9 +161,9 @@ void project_rows_strided(const at::Tensor& x, const at::Tensor& weight, const a
   at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
-      const acc_t v = project_pixel<scalar_t, acc_t>(xd + o.n * xs.n, xs.h, xs.w,
-                                                     wd + ch[o.n * ch_stride] * ws.n + o.c * ws.c, ws.h, ws.w, g,
-                                                     o.h, o.w);
+      const int64_t filter = ch[o.n * ch_stride];
+      const acc_t v = project_selected_pixel<scalar_t, acc_t>(xd + o.n * xs.n, xs.h, xs.w, wd + filter * ws.n, ws,
+                                                              plan.groups, filter, g, o.c, o.h, o.w);
       od[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = static_cast<scalar_t>(v);
     }
   });
@@ -134,27 +171,27 @@ void project_rows_strided(const at::Tensor& x, const at::Tensor& weight, const a
 
 at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef output_padding,
-                       const std::optional<at::Tensor>& channels) {
-  const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels);
-  if (!channels.has_value()) return project_dense(x, weight, stride, padding, output_padding);
-  const ProjectGeometry g = plan.geometry;
-  const auto format = project_output_format(x);
-  auto out = at::empty({x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
-  if (out.numel() == 0) return out;
+                       const std::optional<at::Tensor>& channels, int64_t groups, at::IntArrayRef dilation) {
+  const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels, groups, dilation);
+  if (!channels.has_value()) return project_dense(plan, weight, stride, padding, output_padding, dilation);
+  const ProjectGeometry& g = plan.geometry;
+  const auto format = project_output_format(plan.x);
+  auto out = at::empty({plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  if (out.numel() == 0) return plan.result(out);
   const bool nchw = format == at::MemoryFormat::Contiguous;
-  const bool by_channel = nchw && plan.out_channels >= 16;
-  const bool padded = nchw && !by_channel && g.p_h < g.k_h && g.p_w < g.k_w &&
+  const bool by_channel = nchw && plan.groups.channels >= 16;
+  const bool padded = nchw && !by_channel && g.p_h <= (g.k_h - 1) * g.d_h && g.p_w <= (g.k_w - 1) * g.d_w &&
                       at::isfinite(weight).all().item<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_cpu", [&] {
     if (by_channel) {
-      project_rows_by_channel<scalar_t>(x, weight, *channels, g, out);
+      project_rows_by_channel<scalar_t>(plan, weight, *channels, out);
     } else if (padded) {
-      project_rows_padded<scalar_t>(x, weight, *channels, g, out);
+      project_rows_padded<scalar_t>(plan, weight, *channels, out);
     } else {
-      project_rows_strided<scalar_t>(x, weight, *channels, g, out, format == at::MemoryFormat::ChannelsLast);
+      project_rows_strided<scalar_t>(plan, weight, *channels, out, format == at::MemoryFormat::ChannelsLast);
     }
   });
-  return out;
+  return plan.result(out);
 }
 
 }  // namespace

@@ -30,27 +30,26 @@ int64_t count_invalid_switches_cpu(const at::Tensor& switches, const PoolGeometr
 
 namespace {
 
-at::Tensor switches_to_indices_cpu(const at::Tensor& switches, at::IntArrayRef input_size, at::IntArrayRef kernel,
-                                   at::IntArrayRef stride, at::IntArrayRef padding) {
-  const PoolGeometry g = check_switches_to_indices_args(switches, input_size, kernel, stride, padding);
-  const bool channels_last = prefers_channels_last(switches);
-  auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
-                                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+at::Tensor switches_to_indices_cpu(const at::Tensor& input, at::IntArrayRef input_size, at::IntArrayRef kernel,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const SwitchesPlan plan = plan_switches_to_indices(input, input_size, kernel, stride, padding, dilation);
+  const PoolGeometry g = plan.geometry;
+  const at::Tensor& switches = plan.switches;
+  if (plan.out.numel() == 0) return plan.result();
   check_switch_values("switches_to_indices", count_invalid_switches_cpu(switches, g), g);
-  const Strides4 ss = strides_of(switches), os = strides_of(out);
+  const Strides4 ss = strides_of(switches), os = strides_of(plan.out);
   const int64_t C = switches.size(1);
   const uint8_t* sw = switches.const_data_ptr<uint8_t>();
-  int64_t* idx = out.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
+  int64_t* idx = plan.out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
+      const Coord4 o = coord_of(i, C, g.out_h, g.out_w, plan.channels_last);
       int64_t ih, iw;
       switch_target(sw[o.n * ss.n + o.c * ss.c + o.h * ss.h + o.w * ss.w], o.h, o.w, g, &ih, &iw);
       idx[o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w] = ih * g.in_w + iw;
     }
   });
-  return out;
+  return plan.result();
 }
 
 }  // namespace

@@ -28,15 +28,15 @@ RowMap row_map(const std::optional<at::Tensor>& rows) {
 }
 
 template <typename scalar_t>
-void unpool_nchw(const at::Tensor& y, const at::Tensor& switches, const RowMap& row_of, bool rectify,
-                 const UnpoolPlan& plan) {
+void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
+  const at::Tensor &y = plan.y, &switches = plan.switches;
   using acc_t = at::opmath_type<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const int64_t C = y.size(1), pooled = g.out_h * g.out_w, pixels = g.in_h * g.in_w;
   // Switch s of window (oh, ow) lands on pixel origin(oh, ow) + offset[s]: a table instead of a
   // division per window.
   std::array<int64_t, 256> offset{};
-  for (int64_t s = 0; s < g.k_h * g.k_w; ++s) offset[s] = (s / g.k_w) * g.in_w + s % g.k_w;
+  for (int64_t s = 0; s < g.k_h * g.k_w; ++s) offset[s] = (s / g.k_w) * g.d_h * g.in_w + (s % g.k_w) * g.d_w;
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
@@ -70,8 +70,8 @@ ZF_CPU_CLONES_WIDE void gather_channels(acc_t* __restrict__ acc, const scalar_t*
 }
 
 template <typename scalar_t>
-void unpool_channels_last(const at::Tensor& y, const at::Tensor& switches, const RowMap& row_of, bool rectify,
-                          const UnpoolPlan& plan) {
+void unpool_channels_last(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
+  const at::Tensor &y = plan.y, &switches = plan.switches;
   using acc_t = at::opmath_type<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const int64_t C = y.size(1);
@@ -85,16 +85,18 @@ void unpool_channels_last(const at::Tensor& y, const at::Tensor& switches, const
       const scalar_t* yb = yp + b * g.out_h * g.out_w * C;
       const uint8_t* sb = sp + row_of(b) * g.out_h * g.out_w * C;
       int64_t oh_begin, oh_end;
-      covering_windows(ih, g.k_h, g.s_h, g.p_h, g.out_h, &oh_begin, &oh_end);
+      covering_windows(ih, g.k_h, g.s_h, g.p_h, g.d_h, g.out_h, &oh_begin, &oh_end);
       for (int64_t iw = 0; iw < g.in_w; ++iw) {
         int64_t ow_begin, ow_end;
-        covering_windows(iw, g.k_w, g.s_w, g.p_w, g.out_w, &ow_begin, &ow_end);
+        covering_windows(iw, g.k_w, g.s_w, g.p_w, g.d_w, g.out_w, &ow_begin, &ow_end);
         acc_t* __restrict__ a = acc.data();
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
           for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-            const uint8_t expected = static_cast<uint8_t>(switch_for(ih, iw, oh, ow, g));
-            gather_channels<scalar_t, acc_t>(a, yb + (oh * g.out_w + ow) * C, sb + (oh * g.out_w + ow) * C, expected, C);
+            const int64_t expected = switch_for(ih, iw, oh, ow, g);
+            if (expected < 0) continue;  // the pixel falls between this window's dilated taps
+            gather_channels<scalar_t, acc_t>(a, yb + (oh * g.out_w + ow) * C, sb + (oh * g.out_w + ow) * C,
+                                             static_cast<uint8_t>(expected), C);
           }
         }
         scalar_t* __restrict__ o = out + ((b * g.in_h + ih) * g.in_w + iw) * C;
@@ -105,8 +107,8 @@ void unpool_channels_last(const at::Tensor& y, const at::Tensor& switches, const
 }
 
 template <typename scalar_t>
-void unpool_strided(const at::Tensor& y, const at::Tensor& switches, const RowMap& row_of, bool rectify,
-                    const UnpoolPlan& plan) {
+void unpool_strided(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
+  const at::Tensor &y = plan.y, &switches = plan.switches;
   using acc_t = at::opmath_type<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const Strides4 ys = strides_of(y), ss = strides_of(switches), os = strides_of(plan.out);
@@ -125,26 +127,27 @@ void unpool_strided(const at::Tensor& y, const at::Tensor& switches, const RowMa
   });
 }
 
-at::Tensor unpool_cpu(const at::Tensor& y, const at::Tensor& switches, at::IntArrayRef input_size,
+at::Tensor unpool_cpu(const at::Tensor& y_in, const at::Tensor& switches_in, at::IntArrayRef input_size,
                       at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                      const std::optional<at::Tensor>& rows, bool rectify) {
-  UnpoolPlan plan = plan_unpool(y, switches, input_size, kernel, stride, padding, rows);
-  if (plan.out.numel() == 0) return plan.out;
+                      const std::optional<at::Tensor>& rows, bool rectify, at::IntArrayRef dilation) {
+  const UnpoolPlan plan = plan_unpool(y_in, switches_in, input_size, kernel, stride, padding, dilation, rows);
+  if (plan.out.numel() == 0) return plan.result();
+  const at::Tensor &y = plan.y, &switches = plan.switches;
   // Every switch is checked before any kernel reads one: a corrupt switch is an error, never an
   // out-of-bounds write or a silently dropped value.
   check_switch_values("unpool", count_invalid_switches_cpu(switches, plan.geometry), plan.geometry);
   const RowMap row_of = row_map(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpool_cpu", [&] {
     if (!plan.channels_last && y.is_contiguous() && switches.is_contiguous()) {
-      unpool_nchw<scalar_t>(y, switches, row_of, rectify, plan);
+      unpool_nchw<scalar_t>(plan, row_of, rectify);
     } else if (plan.channels_last && y.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                switches.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      unpool_channels_last<scalar_t>(y, switches, row_of, rectify, plan);
+      unpool_channels_last<scalar_t>(plan, row_of, rectify);
     } else {
-      unpool_strided<scalar_t>(y, switches, row_of, rectify, plan);
+      unpool_strided<scalar_t>(plan, row_of, rectify);
     }
   });
-  return plan.out;
+  return plan.result();
 }
 
 }  // namespace

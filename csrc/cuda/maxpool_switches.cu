@@ -23,13 +23,14 @@ __global__ void maxpool_switches_kernel(const scalar_t* __restrict__ x, Strides4
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> maxpool_switches_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
+std::tuple<at::Tensor, at::Tensor> maxpool_switches_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                         bool ceil_mode) {
-  MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, ceil_mode);  // checks first
+                                                         bool ceil_mode, at::IntArrayRef dilation) {
+  const MaxpoolPlan plan = plan_maxpool_switches(input, kernel_size, stride, padding, dilation, ceil_mode);  // first
+  const at::Tensor& x = plan.x;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t total = plan.out.numel();
-  if (total == 0) return {plan.out, plan.switches};
+  if (total == 0) return plan.result();
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "maxpool_switches_cuda", [&] {
     maxpool_switches_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -38,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> maxpool_switches_cuda(const at::Tensor& x, at
         plan.channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {plan.out, plan.switches};
+  return plan.result();
 }
 
 }  // namespace

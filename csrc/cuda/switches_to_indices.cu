@@ -33,21 +33,20 @@ __global__ void switches_to_indices_kernel(const uint8_t* __restrict__ sw, Strid
   }
 }
 
-at::Tensor switches_to_indices_cuda(const at::Tensor& switches, at::IntArrayRef input_size, at::IntArrayRef kernel,
-                                    at::IntArrayRef stride, at::IntArrayRef padding) {
-  const PoolGeometry g = check_switches_to_indices_args(switches, input_size, kernel, stride, padding);  // first
+at::Tensor switches_to_indices_cuda(const at::Tensor& input, at::IntArrayRef input_size, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const SwitchesPlan plan = plan_switches_to_indices(input, input_size, kernel, stride, padding, dilation);  // first
+  const PoolGeometry g = plan.geometry;
+  const at::Tensor& switches = plan.switches;
   const c10::cuda::CUDAGuard guard(switches.device());
-  const bool channels_last = prefers_channels_last(switches);
-  auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
-                                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  const int64_t total = out.numel();
-  if (total == 0) return out;
+  const int64_t total = plan.out.numel();
+  if (total == 0) return plan.result();
   check_switch_values("switches_to_indices", count_invalid_switches_cuda(switches, g), g);
   switches_to_indices_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      switches.const_data_ptr<uint8_t>(), strides_of(switches), out.mutable_data_ptr<int64_t>(), strides_of(out), g,
-      switches.size(1), total, channels_last);
+      switches.const_data_ptr<uint8_t>(), strides_of(switches), plan.out.mutable_data_ptr<int64_t>(),
+      strides_of(plan.out), g, switches.size(1), total, plan.channels_last);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return plan.result();
 }
 
 }  // namespace

@@ -27,13 +27,15 @@ __global__ void unpool_kernel(const scalar_t* __restrict__ y, Strides4 ys, const
   }
 }
 
-at::Tensor unpool_cuda(const at::Tensor& y, const at::Tensor& switches, at::IntArrayRef input_size,
+at::Tensor unpool_cuda(const at::Tensor& y_in, const at::Tensor& switches_in, at::IntArrayRef input_size,
                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                       const std::optional<at::Tensor>& rows, bool rectify) {
-  UnpoolPlan plan = plan_unpool(y, switches, input_size, kernel, stride, padding, rows);  // checks devices first
+                       const std::optional<at::Tensor>& rows, bool rectify, at::IntArrayRef dilation) {
+  // The plan checks devices before the guard is built.
+  const UnpoolPlan plan = plan_unpool(y_in, switches_in, input_size, kernel, stride, padding, dilation, rows);
+  const at::Tensor &y = plan.y, &switches = plan.switches;
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t total = plan.out.numel();
-  if (total == 0) return plan.out;
+  if (total == 0) return plan.result();
   check_switch_values("unpool", count_invalid_switches_cuda(switches, plan.geometry), plan.geometry);
   const int64_t* rows_ptr = rows.has_value() ? rows->const_data_ptr<int64_t>() : nullptr;
   const int64_t rows_stride = rows.has_value() ? rows->stride(0) : 0;
@@ -45,7 +47,7 @@ at::Tensor unpool_cuda(const at::Tensor& y, const at::Tensor& switches, at::IntA
         total, plan.channels_last, rectify);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return plan.out;
+  return plan.result();
 }
 
 }  // namespace

@@ -30,10 +30,11 @@ ZF_INLINE int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 ZF_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // One max-pooling geometry: the pooled map is in_h x in_w, the pooled result out_h x out_w.
-// Window (oh, ow) has its origin at (oh * s_h - p_h, ow * s_w - p_w) and spans k_h x k_w.
+// Window (oh, ow) has its origin at (oh * s_h - p_h, ow * s_w - p_w) and k_h x k_w taps; tap
+// (ky, kx) reads pixel (origin_h + ky * d_h, origin_w + kx * d_w).
 struct PoolGeometry {
   int64_t in_h, in_w, out_h, out_w;
-  int64_t k_h, k_w, s_h, s_w, p_h, p_w;
+  int64_t k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w;
 };
 
 // Element strides of a 4-D tensor (n, c, h, w), so every kernel accepts any layout.
@@ -71,12 +72,33 @@ ZF_INLINE Coord4 coord_of(int64_t i, int64_t C, int64_t H, int64_t W, bool chann
   return decompose<int64_t>(i, C, H, W, channels_last);
 }
 
-// Windows [lo, hi) along one axis that contain input position i (stride s, padding p, size k,
-// `out` windows in all). Used by the unpooling gather.
-ZF_INLINE void covering_windows(int64_t i, int64_t k, int64_t s, int64_t p, int64_t out,
+// Windows [lo, hi) along one axis whose span reaches input position i (stride s, padding p,
+// k taps dilated by d, `out` windows in all). With d > 1 a window may reach i between two of
+// its taps: tap_at says which. Used by the unpooling gather.
+ZF_INLINE void covering_windows(int64_t i, int64_t k, int64_t s, int64_t p, int64_t d, int64_t out,
                                 int64_t* lo, int64_t* hi) {
-  *lo = imax(ceil_div(i + p - k + 1, s), 0);
+  *lo = imax(ceil_div(i + p - (k - 1) * d, s), 0);
   *hi = imin(floor_div(i + p, s) + 1, out);
+}
+
+// The tap of a window that sits `rel` positions after its origin (rel >= 0), or -1 when rel falls
+// between taps. Undilated windows (the usual case) skip the division.
+ZF_INLINE int64_t tap_at(int64_t rel, int64_t d) {
+  if (d == 1) return rel;
+  const int32_t r32 = static_cast<int32_t>(rel), d32 = static_cast<int32_t>(d);  // 32 bits: see floor_div
+  return r32 % d32 == 0 ? r32 / d32 : -1;
+}
+
+// Taps [begin, end) of a window along one axis that read real pixels: origin + t * d inside
+// [0, size). Undilated windows skip the divisions.
+ZF_INLINE void taps_inside(int64_t origin, int64_t k, int64_t d, int64_t size, int64_t* begin, int64_t* end) {
+  if (d == 1) {
+    *begin = imax(-origin, 0);
+    *end = imin(k, size - origin);
+  } else {
+    *begin = origin < 0 ? ceil_div(-origin, d) : 0;
+    *end = imin(k, ceil_div(size - origin, d));
+  }
 }
 
 }  // namespace zfkernels

@@ -9,24 +9,51 @@ namespace zfkernels {
 
 struct ProjectGeometry {
   int64_t in_h, in_w, out_h, out_w;  // x's map and the projected map
-  int64_t k_h, k_w, s_h, s_w, p_h, p_w;
+  int64_t k_h, k_w, s_h, s_w, p_h, p_w, d_h, d_w;
+  int64_t t_h, t_w;  // tap steps s / gcd(s, d): taps that reach one output row (column) lie this far apart
 };
 
-// Transposed convolution: x[iy, ix] reaches out[iy * s - p + ky, ix * s - p + kx] with weight
-// w[ky, kx]. Calls visit(ky, kx, iy, ix) for every tap that reaches output pixel (oy, ox), in
-// (ky, kx) order: the one enumeration behind every projection loop, so all sum in one order.
+// Groups of a channels= projection: forward output channel `filter` belongs to group
+// filter / filters, and its filter reaches only that group's `channels` input channels, so a
+// row's projection is zero outside [first_channel(filter), first_channel(filter) + channels).
+struct ProjectGroups {
+  int64_t filters;   // C_out / groups
+  int64_t channels;  // C_in / groups
+  ZF_INLINE int64_t first_channel(int64_t filter) const {
+    // 32-bit division: channel counts are bounded by 2^30 (checks.h)
+    return static_cast<int64_t>(static_cast<int32_t>(filter) / static_cast<int32_t>(filters)) * channels;
+  }
+};
+
+// The first tap t >= 0 of an axis (k taps dilated by d, stride s, tap step `step`) whose
+// (off - t * d) is a multiple of s, or k when no tap below k is; the next ones follow every
+// `step` taps. Undilated, that is off % s; dilated, one of the first `step` taps.
+ZF_INLINE int32_t first_tap(int32_t off, int32_t k, int32_t s, int32_t d, int32_t step) {
+  if (d == 1) return off % s;
+  for (int32_t t = 0; t < step && t < k; ++t)
+    if ((off - t * d) % s == 0) return t;
+  return k;
+}
+
+// Transposed convolution: x[iy, ix] reaches out[iy * s - p + ky * d, ix * s - p + kx * d] with
+// weight w[ky, kx]. Calls visit(ky, kx, iy, ix) for every tap that reaches output pixel (oy, ox),
+// in (ky, kx) order: the one enumeration behind every projection loop, so all sum in one order.
 template <typename Visit>
 ZF_INLINE void for_each_tap(const ProjectGeometry& g, int64_t oy, int64_t ox, Visit&& visit) {
-  // First tap whose (oy + p - ky) is a multiple of the stride, then every s-th one.
-  // 32-bit arithmetic: coordinates fit (see common.h). (oy + p - ky) is an exact multiple of the
-  // stride, so truncating division is exact for negative values too.
+  // 32-bit arithmetic: output sizes, padding and dilated spans are below 2^30 (checks.h), so
+  // oy + p and t * d stay below 2^31. (off - t * d) is an exact multiple of the stride, so
+  // truncating division is exact for negative values too.
   const int32_t sh = static_cast<int32_t>(g.s_h), sw = static_cast<int32_t>(g.s_w);
+  const int32_t dh = static_cast<int32_t>(g.d_h), dw = static_cast<int32_t>(g.d_w);
+  const int32_t kh = static_cast<int32_t>(g.k_h), kw = static_cast<int32_t>(g.k_w);
+  const int32_t th = static_cast<int32_t>(g.t_h), tw = static_cast<int32_t>(g.t_w);
   const int32_t y_off = static_cast<int32_t>(oy + g.p_h), x_off = static_cast<int32_t>(ox + g.p_w);
-  for (int32_t ky = y_off % sh; ky < g.k_h; ky += sh) {
-    const int32_t iy = (y_off - ky) / sh;
+  const int32_t kx_first = first_tap(x_off, kw, sw, dw, tw);
+  for (int32_t ky = first_tap(y_off, kh, sh, dh, th); ky < kh; ky += th) {
+    const int32_t iy = (y_off - ky * dh) / sh;
     if (iy < 0 || iy >= g.in_h) continue;
-    for (int32_t kx = x_off % sw; kx < g.k_w; kx += sw) {
-      const int32_t ix = (x_off - kx) / sw;
+    for (int32_t kx = kx_first; kx < kw; kx += tw) {
+      const int32_t ix = (x_off - kx * dw) / sw;
       if (ix < 0 || ix >= g.in_w) continue;
       visit(ky, kx, iy, ix);
     }
@@ -42,6 +69,18 @@ ZF_INLINE acc_t project_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_
     sum += static_cast<acc_t>(x[iy * xh + ix * xw]) * static_cast<acc_t>(w[ky * wh + kx * ww]);
   });
   return sum;
+}
+
+// Output element (c, oy, ox) of a channels= row whose map is x and whose forward channel is
+// `filter`: zero outside the filter's group, else project_pixel through weight[filter, c - first].
+// `w` points at weight[filter]; ws are the weight's element strides.
+template <typename scalar_t, typename acc_t>
+ZF_INLINE acc_t project_selected_pixel(const scalar_t* __restrict__ x, int64_t xh, int64_t xw,
+                                       const scalar_t* __restrict__ w, const Strides4& ws, const ProjectGroups& groups,
+                                       int64_t filter, const ProjectGeometry& g, int64_t c, int64_t oy, int64_t ox) {
+  const int64_t j = c - groups.first_channel(filter);
+  if (j < 0 || j >= groups.channels) return acc_t(0);
+  return project_pixel<scalar_t, acc_t>(x, xh, xw, w + j * ws.c, ws.h, ws.w, g, oy, ox);
 }
 
 }  // namespace zfkernels
