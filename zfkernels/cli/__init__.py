@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from ..errors import UsageError
 from . import correspondence, evolution, filters, invariance, occlusion, visualize
+from .common import CommandParser
 
 # In the order `zfk --help` lists them.
 COMMANDS = (visualize, occlusion, correspondence, invariance, evolution, filters)
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zfk", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=CommandParser)
     subparsers.required = True
     for command in COMMANDS:
         command.register(subparsers)

@@ -38,8 +38,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights_help: Optional
         or "state-dict file (.pth/.pt) for --arch, loaded with weights_only=True; 'torchvision' takes torchvision's "
         "file from the local torch hub cache (never downloaded). Without it: a seeded random, UNTRAINED network",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help=f"seed of the random network used without --weights (default: {DEFAULT_SEED})")
+    parser.add_argument("--seed", type=seed_int, default=DEFAULT_SEED,
+                        help=f"seed of the random network used without --weights, 0 <= seed < 2^64 (default: {DEFAULT_SEED})")
     add_device_option(parser)
 
 
@@ -70,6 +70,42 @@ def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` for a message, cut short: a 5,000-digit number must not become a 5,000-character line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def int_in_range(low: int, high: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an integer ``low <= n <= high``; ``why`` says where the upper bound
+    comes from (the 224x224 crop, memory ...), and the error message quotes it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # also a number past Python's 4,300-digit conversion limit
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high} ({why}), got {_shown(text)}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2^64 - 1; a negative seed wraps onto one of those
+seed_int = int_in_range(0, SEED_LIMIT - 1, "a seed torch.manual_seed accepts: 0 <= seed < 2^64")
+MAX_BATCH = 1024  # copies of a 224x224 image per forward pass; beyond it only the memory use grows
+batch_size_int = int_in_range(1, MAX_BATCH, "images per forward pass")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose errors are one line, ``zfk CMD: error: ...`` (exit status 2),
+    like every other refusal of ``zfk``: argparse's usage block would bury the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_index_list(text: str, what: str) -> List[int]:
@@ -197,10 +233,8 @@ def add_label_option(parser: argparse.ArgumentParser) -> None:
 def finish_parser(parser: argparse.ArgumentParser, run, batch_size: int = 64) -> None:
     """The options every diagnostic ends with (``--batch-size``, ``--out``, ``--quiet``) and
     its ``run`` function."""
-    from ..cli.common import add_quiet_option, positive_int
-
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
-                        help=f"images per forward pass on the device (default: {batch_size})")
+    parser.add_argument("--batch-size", type=batch_size_int, default=batch_size, metavar="N",
+                        help=f"images per forward pass on the device, at most {MAX_BATCH} (default: {batch_size})")
     add_out_option(parser)
     add_quiet_option(parser)
     parser.set_defaults(run=run)

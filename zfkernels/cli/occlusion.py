@@ -14,8 +14,12 @@ from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery
 from ..job.console import progress_bar, say
-from .common import (add_label_option, add_model_options, finish_parser, load_model, model_description, model_header,
-                     positive_int, prepare_out, resolve_device, warn_untrained)
+from .common import (add_label_option, add_model_options, finish_parser, int_in_range, load_model, model_description,
+                     model_header, prepare_out, resolve_device, warn_untrained)
+
+# The square and its steps live on the network's 224x224 evaluation crop: a square of 224 already
+# covers all of it, and a step of 224 leaves one position.
+CROP_PIXELS = int_in_range(1, data_mod.CROP, f"pixels of the {data_mod.CROP}x{data_mod.CROP} crop")
 
 DESCRIPTION = """\
 Occlusion sensitivity (the paper's Section 4.2, Figure 7). A grey square of --size pixels slides
@@ -34,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_model_options(parser)
-    parser.add_argument("--size", type=positive_int, default=50, metavar="PIXELS", help="side of the square (default: 50)")
-    parser.add_argument("--stride", type=positive_int, default=8, metavar="PIXELS",
-                        help="step between positions (default: 8: a 28x28 map on 224x224)")
+    parser.add_argument("--size", type=CROP_PIXELS, default=50, metavar="PIXELS",
+                        help=f"side of the square, 1-{data_mod.CROP} (default: 50)")
+    parser.add_argument("--stride", type=CROP_PIXELS, default=8, metavar="PIXELS",
+                        help=f"step between positions, 1-{data_mod.CROP} (default: 8: a 28x28 map on 224x224)")
     parser.add_argument("--fill", default="mean",
                         help="the square's colour: mean (the ImageNet mean pixel, 0 after normalisation; default), "
                              "grey (128) or a grey level 0-255")
