@@ -18,7 +18,6 @@ import torch.nn as nn
 from .. import models
 from ..errors import UsageError
 from ..job.console import say
-from ..job.gallery import text
 from ..models import untrained_warning
 
 ARCHS = tuple(models.ARCHITECTURES)
@@ -195,15 +194,13 @@ def prepare_out(out: Path, *, marker: str = ".zfk") -> Path:
 # -- what the diagnostics' commands share -------------------------------------------------------
 
 
-def model_header(args: argparse.Namespace) -> str:
-    """The page's table of the model, with the loud warning for an untrained one."""
-    parts = []
-    if args.weights is None:
-        parts.append(f"<p class=\"warn\">{text(untrained_warning(args.arch, args.seed))}</p>")
-    weights = f"seeded random, UNTRAINED (seed {args.seed})" if args.weights is None else args.weights
-    parts.append(f"<table><tr><th>architecture</th><td>{text(args.arch)}</td></tr>"
-                 f"<tr><th>weights</th><td>{text(weights)}</td></tr></table>")
-    return "\n".join(parts)
+def model_header(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    """What a page's model table shows (``macros.html``'s ``model_table``): the architecture,
+    the weights, and the loud warning for an untrained model (``None`` for a trained one)."""
+    untrained = args.weights is None
+    return {"arch": args.arch,
+            "weights": f"seeded random, UNTRAINED (seed {args.seed})" if untrained else args.weights,
+            "warning": untrained_warning(args.arch, args.seed) if untrained else None}
 
 
 def model_description(args: argparse.Namespace) -> Dict[str, object]:

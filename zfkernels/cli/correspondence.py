@@ -10,10 +10,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from ..diagnostics import common as diagnostics_common
-from ..diagnostics.correspondence import CorrespondenceResult, SignChange, correspondence, read_parts
+from ..diagnostics.correspondence import CorrespondenceResult, correspondence, read_parts
 from ..errors import UsageError
 from ..job import data as data_mod
-from ..job import gallery
 from ..job.console import say
 from .common import (add_model_options, finish_parser, load_model, model_description, model_header, non_negative_int,
                      prepare_out, resolve_device, warn_untrained)
@@ -61,10 +60,6 @@ def _image_sizes(files: Sequence[Path]) -> List[Tuple[int, int]]:
         with Image.open(path) as image:
             sizes.append(image.size)
     return sizes
-
-
-def _cell(change: SignChange) -> str:
-    return f"{change.mean:.4f} ± {change.std:.4f}"
 
 
 def render(path: Path, result: CorrespondenceResult) -> None:
@@ -117,23 +112,12 @@ def run(args: argparse.Namespace) -> int:
         "random": None if result.random is None else {"boxes": result.boxes, **{layer: vars(c) for layer, c in result.random.items()}},
     }
     diagnostics_common.write_json(folder / "correspondence.json", document)
-    header = "".join(f"<th>{gallery.text(layer)}</th>" for layer in layers)
-    rows = [f"<tr><td>{gallery.text(name)}</td>" + "".join(f"<td>{_cell(c[layer])}</td>" for layer in layers) + "</tr>"
-            for name, c in result.parts.items()]
+    rows = [{"name": name, "cells": [c[layer] for layer in layers]} for name, c in result.parts.items()]
     if result.random:
-        rows.append("<tr><td>Random</td>" + "".join(f"<td>{_cell(result.random[layer])}</td>" for layer in layers) + "</tr>")
-    dims = ", ".join(f"{gallery.text(layer)}: D = {result.parts[next(iter(parts))][layer].dimension}" for layer in layers)
-    body = (
-        f"{model_header(args)}\n"
-        f"<p>{len(files)} images: {', '.join(gallery.text(f.name) for f in files)}. Occluder fill: {gallery.text(args.fill)}.</p>\n"
-        f"<table><tr><th rowspan=\"2\">Occlusion location</th><th colspan=\"{len(layers)}\">Mean feature sign change</th></tr>"
-        f"<tr>{header}</tr>\n" + "\n".join(rows) + "\n</table>\n"
-        f"<p>Each cell: Δ / (pairs · D), the mean fraction of the D feature components whose sign of change "
-        f"x − x̃ differs between two images ({dims}; {math.comb(len(files), 2)} pairs; sign 0 counts as its own value). "
-        f"Parts: ± the standard deviation over pairs. Random: {args.trials} trials of one random box per image "
-        f"(each image's mean part size), mean ± standard deviation over trials. "
-        f"The numbers: <a href=\"correspondence.json\">correspondence.json</a>.</p>\n"
-        + diagnostics_common.figure_html("table.png", "correspondence table as a bar chart"))
-    diagnostics_common.write_page(out, "correspondence", body)
+        rows.append({"name": "Random", "cells": [result.random[layer] for layer in layers]})
+    first = result.parts[next(iter(parts))]
+    diagnostics_common.write_page(out, "correspondence", model=model_header(args), images=[f.name for f in files],
+                                  fill=args.fill, layers=layers, rows=rows, trials=args.trials,
+                                  dimensions=[first[layer].dimension for layer in layers], pairs=math.comb(len(files), 2))
     say(f"correspondence -> {folder / 'index.html'}", args.quiet)
     return 0

@@ -12,7 +12,6 @@ import torch.nn as nn
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.evolution import feature_evolution, montage, render
 from ..errors import UsageError
-from ..job import gallery
 from ..job.console import say
 from ..models import ARCHITECTURES
 from .common import add_device_option, finish_parser, load_model, positive_int, prepare_out, resolve_device
@@ -75,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     say(f"evolution: {len(args.checkpoints)} checkpoint(s), {len(images.files)} images, layers {', '.join(layers)}", args.quiet)
     result = feature_evolution(models, images, channels, device, batch_size=args.batch_size, quiet=args.quiet)
     labels = [diagnostics_common.plain(Path(p).name) for p in args.checkpoints]
-    sections = []
     gap = 4
     for layer in layers:
         rows = [f"{layer} {c}" for c in result.channels[layer]]
@@ -83,10 +81,6 @@ def run(args: argparse.Namespace) -> int:
         for kind, tiles in (("projections", result.projections[layer]), ("patches", result.patches[layer])):
             render(folder / f"{layer}-{kind}.png", montage(tiles, result.filled[layer], gap), tile, gap, rows, labels,
                    f"{layer}: strongest activation per checkpoint ({kind})")
-        sections.append(
-            f"<h2>{gallery.text(layer)}</h2>"
-            + diagnostics_common.figure_html(f"{layer}-projections.png", f"{layer} projections per checkpoint")
-            + f"<p><a href=\"{gallery.href(layer + '-patches.png')}\">the image patches</a></p>")
     document = {
         "command": "evolution", "arch": args.arch, "checkpoints": list(args.checkpoints), "data": source,
         "images": len(images.files),
@@ -95,13 +89,9 @@ def run(args: argparse.Namespace) -> int:
             for e in result.entries[layer][j]]} for j, c in enumerate(result.channels[layer])] for layer in layers},
     }
     diagnostics_common.write_json(folder / "evolution.json", document)
-    body = (
-        f"<table><tr><th>architecture</th><td>{gallery.text(args.arch)}</td></tr>"
-        f"<tr><th>checkpoints (columns)</th><td>{'<br>'.join(gallery.text(p) for p in args.checkpoints)}</td></tr>"
-        f"<tr><th>images</th><td>{gallery.text(source)}: {len(images.files)}</td></tr></table>\n"
-        "<p>Each row a feature map, each column a checkpoint: the deconvnet projection of the map's strongest "
-        "activation over all the images at that checkpoint (its receptive field; zero at mid-grey). "
-        "The numbers: <a href=\"evolution.json\">evolution.json</a>.</p>\n" + "\n".join(sections))
-    diagnostics_common.write_page(out, "evolution", body)
+    diagnostics_common.write_page(
+        out, "evolution", arch=args.arch, checkpoints=list(args.checkpoints), source=source, images=len(images.files),
+        layers=[{"name": layer, "projections": f"{layer}-projections.png", "patches": f"{layer}-patches.png"}
+                for layer in layers])
     say(f"evolution -> {folder / 'index.html'}", args.quiet)
     return 0

@@ -9,7 +9,6 @@ from typing import Dict
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.filters import ModelSpec, filter_grid, first_conv, layer2_sheet, parse_compare, render_filters
 from ..errors import UsageError
-from ..job import gallery
 from ..job.console import say
 from ..models import untrained_warning
 from .common import add_model_options, finish_parser, load_model, positive_int, prepare_out, resolve_device
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     render_filters(folder / "layer1.png", grids)
     document: Dict[str, object] = {"command": "filters", "normalisation": "per filter: (w - min) / (max - min) over its 3*k*k weights",
                                    "models": []}
-    sections = [diagnostics_common.figure_html("layer1.png", "layer-1 filters")]
+    sections = []  # the page's layer-2 sheets
     for spec, model, conv in zip(specs, models, convs):
         flat = conv.weight.detach().flatten(1)
         entry: Dict[str, object] = {
@@ -96,17 +95,13 @@ def run(args: argparse.Namespace) -> int:
             entry["layer2"] = {"layer": layer2, "maps": [
                 {"channel": c, "top": [{"image": images.files[i], "value": v, "y": y, "x": x} for i, v, y, x in top.entries(j)]}
                 for j, c in enumerate(top.channels.tolist())]}
-            sections.append(f"<h2>{gallery.text(spec.label)}: layer 2 ({gallery.text(layer2)})</h2>"
-                            + diagnostics_common.figure_html(png, f"{spec.arch} layer-2 projections"))
+            sections.append({"heading": f"{spec.label}: layer 2 ({layer2})", "figure": png,
+                             "alt": f"{spec.arch} layer-2 projections"})
         document["models"].append(entry)
     diagnostics_common.write_json(folder / "filters.json", document)
-    header = "".join(f"<p class=\"warn\">{gallery.text(untrained_warning(s.arch, args.seed))}</p>" for s in specs if s.weights is None)
-    body = (
-        f"{header}\n<p>Models: {', '.join(gallery.text(s.label) for s in specs)}. Layer-1 filters, each normalised to "
-        "[0, 1] on its own (its minimum black, its maximum white, over all three colour channels)."
-        + ("" if images is None else f" Layer 2: the top {args.top} deconvnet projections (receptive fields, zero at "
-           f"mid-grey) of each chosen feature map over {len(images.files)} images of {gallery.text(source)}.")
-        + " The numbers: <a href=\"filters.json\">filters.json</a>.</p>\n" + "\n".join(sections))
-    diagnostics_common.write_page(out, "filters", body)
+    diagnostics_common.write_page(
+        out, "filters", warnings=[untrained_warning(s.arch, args.seed) for s in specs if s.weights is None],
+        models=[s.label for s in specs], sections=sections,
+        layer2=None if images is None else {"top": args.top, "images": len(images.files), "source": source})
     say(f"filters -> {folder / 'index.html'}", args.quiet)
     return 0

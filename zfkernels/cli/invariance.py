@@ -12,7 +12,6 @@ from ..diagnostics.invariance import (DEFAULT_VALUES, TRANSFORMS, UNITS, Invaria
                                       resized, transform_images)
 from ..errors import UsageError
 from ..job import data as data_mod
-from ..job import gallery
 from ..job.console import progress_bar, say
 from .common import (add_label_option, add_model_options, finish_parser, load_model, model_description, model_header,
                      prepare_out, resolve_device, warn_untrained)
@@ -101,15 +100,9 @@ def run(args: argparse.Namespace) -> int:
                            "feature_norm": c.norm, "p_true": c.probability} for t, c in results.items()},
     }
     diagnostics_common.write_json(folder / "invariance.json", document)
-    sections = [f"<h2>{gallery.text(UNITS[t])}</h2>" + diagnostics_common.figure_html(f"{t}.png", f"invariance to {t}") for t in results]
-    body = (
-        f"{model_header(args)}\n<p>Images: "
-        + ", ".join(f"{gallery.text(n)} (class {t} {gallery.text(diagnostics_common.class_name(t))})" for n, t in zip(names, targets))
-        + f". Distances ‖f(x) − f(Tx)‖ / ‖f(x)‖ of the post-ReLU features of layer 1 ({gallery.text(layers[0])}) and "
-        f"layer 7 ({gallery.text(layers[1])}); transforms act on the image resized to short side 256, then the centre "
-        f"224×224 window is taken, the ImageNet mean pixel filling what comes from outside. Left of each row: the "
-        f"first image at a few values of the sweep. The numbers: <a href=\"invariance.json\">invariance.json</a>.</p>\n"
-        + "\n".join(sections))
-    diagnostics_common.write_page(out, "invariance", body)
+    diagnostics_common.write_page(
+        out, "invariance", model=model_header(args), layers=layers,
+        images=[{"name": n, "target": t, "target_name": diagnostics_common.class_name(t)} for n, t in zip(names, targets)],
+        sections=[{"heading": UNITS[t], "figure": f"{t}.png", "alt": f"invariance to {t}"} for t in results])
     say(f"invariance: {len(files)} image(s), {', '.join(results)} -> {folder / 'index.html'}", args.quiet)
     return 0

@@ -12,7 +12,6 @@ from ..diagnostics import common as diagnostics_common
 from ..diagnostics.occlusion import grid_boxes, occlusion_grid, occlusion_maps, project_strongest, render, strongest_of
 from ..errors import UsageError
 from ..job import data as data_mod
-from ..job import gallery
 from ..job.console import progress_bar, say
 from .common import (add_label_option, add_model_options, finish_parser, int_in_range, load_model, model_description,
                      model_header, prepare_out, resolve_device, warn_untrained)
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     # The occluder at the centre cell, drawn on each image as the figure's example.
     centre = grid_boxes(rows, cols)[(rows.shape[0] // 2) * cols.shape[0] + cols.shape[0] // 2]
     entries: List[Dict[str, object]] = []
-    sections: List[str] = []
+    shown: List[Dict[str, object]] = []  # what the page says of each image
     with progress_bar(positions * len(paths), "occlusion", "copy", args.quiet) as bar:
         for n, (path, image, target) in enumerate(zip(paths, images, targets)):
             unoccluded = extractor(image.unsqueeze(0), [layer, "logits"])  # one forward for both
@@ -93,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
                 "activation": maps.activation, "p_true": maps.probability, "top_class": maps.top_class,
                 "top_probability": maps.top_probability,
             })
-            sections.append(
-                f"<section><h2>{gallery.text(path.name)}</h2>"
-                f"<p>true class {target} {gallery.text(diagnostics_common.class_name(target))}: p = {float(p[target]):.4g} unoccluded; "
-                f"predicted {int(p.argmax())} {gallery.text(diagnostics_common.class_name(int(p.argmax())))} ({float(p.max()):.4g}). "
-                f"Strongest {gallery.text(layer)} map: {strongest.channel} (activation {strongest.value:.4g} at "
-                f"y {strongest.y}, x {strongest.x}; map total {strongest.total:.4g}).</p>"
-                + diagnostics_common.figure_html(png, f"occlusion maps of {path.name}") + "</section>")
+            shown.append({
+                "name": path.name, "figure": png, "target": target, "target_name": diagnostics_common.class_name(target),
+                "p_true": float(p[target]), "predicted": int(p.argmax()),
+                "predicted_name": diagnostics_common.class_name(int(p.argmax())), "p_max": float(p.max()),
+                "channel": strongest.channel, "value": strongest.value, "y": strongest.y, "x": strongest.x,
+                "total": strongest.total,
+            })
     document = {
         "command": "occlusion", "model": model_description(args),
         "size": args.size, "stride": args.stride, "fill": args.fill, "fill_normalised": fill, "layer": layer,
@@ -109,15 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "images": entries,
     }
     diagnostics_common.write_json(folder / "occlusion.json", document)
-    body = (
-        f"{model_header(args)}\n"
-        f"<p>A {args.size}×{args.size} square filled with {gallery.text(args.fill)} at {rows.shape[0]}×{cols.shape[0]} "
-        f"positions (stride {args.stride}; cell (i, j) is the square centred on the stride block of pixels "
-        f"[i·{args.stride}, (i+1)·{args.stride}), clipped to the image). Panels: (a) the input with the square at the "
-        f"centre position; (b) the total activation of the {gallery.text(layer)} feature map holding the unoccluded "
-        f"image's strongest activation; (c) that single activation projected to pixels by the deconvnet (box: its "
-        f"receptive field); (d) the probability of the true class; (e) the most probable class. The numbers: "
-        f"<a href=\"occlusion.json\">occlusion.json</a>.</p>\n" + "\n".join(sections))
-    diagnostics_common.write_page(out, "occlusion", body)
+    diagnostics_common.write_page(out, "occlusion", model=model_header(args), size=args.size, fill=args.fill,
+                                  grid=(rows.shape[0], cols.shape[0]), stride=args.stride, layer=layer, images=shown)
     say(f"occlusion: {len(paths)} image(s), {positions} positions each -> {folder / 'index.html'}", args.quiet)
     return 0

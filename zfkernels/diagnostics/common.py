@@ -26,6 +26,7 @@ from ..deconvnet import parse_features
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery
+from ..job import pages
 from ..job import project as patches
 from ..job.console import check_files_exist, progress_bar, say
 from ..job.io import atomic_write_bytes, atomic_write_text
@@ -334,10 +335,6 @@ def write_json(path: Path, document: Dict[str, object]) -> None:
     atomic_write_text(path, json.dumps(jsonable(document), indent=1, ensure_ascii=True, allow_nan=False) + "\n")
 
 
-
-
-
-
 def subfolder(out: Path, name: str) -> Path:
     """``out/name`` (a diagnostic's own folder), created."""
     folder = out / name
@@ -345,27 +342,19 @@ def subfolder(out: Path, name: str) -> Path:
     return folder
 
 
-def write_page(out: Path, name: str, body: str) -> Path:
-    """``out/name/index.html`` with ``body`` under the diagnostic's title, then refresh
+def write_page(out: Path, name: str, **context: object) -> Path:
+    """``out/name/index.html`` from the template ``name.html`` with ``context`` (plain values:
+    the template escapes them), under the diagnostic's title; then refresh
     ``out/diagnostics.html``. Returns the page's path."""
-    title = PAGES[name]
-    nav = "<p class=\"links\"><a href=\"../diagnostics.html\">all diagnostics</a></p>"
     page = out / name / "index.html"
-    atomic_write_text(page, gallery.page(f"zfk {name}", f"{nav}\n<h1>{gallery.text(title)}</h1>\n{body}"))
+    atomic_write_text(page, pages.render(f"{name}.html", title=f"zfk {name}", heading=PAGES[name], **context))
     write_index(out)
     return page
 
 
 def write_index(out: Path) -> None:
     """``out/diagnostics.html``: a link to every diagnostic page present in ``out``."""
-    items = [f"<li><a href=\"{gallery.href(name + '/index.html')}\">{gallery.text(title)}</a> "
-             f"(<code>zfk {name}</code>)</li>" for name, title in PAGES.items() if (out / name / "index.html").is_file()]
-    visualize = "<p><a href=\"index.html\">The feature-map gallery (zfk visualize)</a></p>" if (out / "index.html").is_file() else ""
-    body = f"<h1>zfk diagnostics</h1>\n{visualize}\n<ul>\n" + "\n".join(items) + "\n</ul>"
-    atomic_write_text(out / "diagnostics.html", gallery.page("zfk diagnostics", body))
-
-
-def figure_html(src: str, alt: str, width: Optional[int] = None) -> str:
-    """An ``<img>`` of one of the page's own files."""
-    size = f" style=\"max-width:100%;width:{width}px\"" if width else " style=\"max-width:100%\""
-    return f"<p><img src=\"{gallery.href(src)}\" alt=\"{gallery.text(alt)}\"{size}></p>"
+    present = [{"name": name, "title": title, "page": f"{name}/index.html"}
+               for name, title in PAGES.items() if (out / name / "index.html").is_file()]
+    atomic_write_text(out / "diagnostics.html", pages.render("diagnostics.html", title="zfk diagnostics",
+                                                             pages=present, gallery=(out / "index.html").is_file()))
