@@ -1,0 +1,142 @@
+"""Any ReLU CNN: torchvision's families through the graph engine, with random weights (nothing is
+downloaded), small inputs and fp32.
+
+- the graph's layer names are torchvision's feature-extraction node names, and the one forward
+  walker's activations equal torchvision's own ``create_feature_extractor``;
+- projections in deconvnet and guided mode, of single activations and whole maps, equal the
+  float64 autograd oracle (``_oracle.graph_oracle``) at two layers of every family;
+- EfficientNet, ConvNeXt, ViT, data-dependent control flow and unknown layer names are refused
+  with messages that name the operation and its node (or close names).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from zfkernels.graph import Unsupported, graph_of, layer_aliases, projectable_layers, walk
+
+# family -> (builder keyword arguments, smallest comfortable input size, two layers to project)
+FAMILIES: Dict[str, Tuple[dict, int, Tuple[str, str]]] = {
+    "resnet18": ({}, 64, ("layer1.0.relu_1", "layer2")),
+    "resnet50": ({}, 64, ("layer1.1.relu_2", "layer2.0.relu_2")),
+    "vgg16_bn": ({}, 64, ("features.9", "features.42")),
+    "densenet121": ({}, 64, ("features.denseblock1.denselayer2.relu2", "features.transition1.relu")),
+    "googlenet": ({"init_weights": False, "aux_logits": False}, 64, ("conv3.relu", "inception3a.cat")),
+    "inception_v3": ({"init_weights": False, "aux_logits": False}, 80, ("Conv2d_4a_3x3.relu", "Mixed_5b.cat")),
+    "mobilenet_v2": ({}, 64, ("features.2.conv.0", "features.4.conv.1")),
+    "squeezenet1_1": ({}, 64, ("features.3.cat", "features.7.expand3x3_activation")),
+    "shufflenet_v2_x1_0": ({}, 64, ("stage2.0.branch1.4", "stage2.1.view_1")),
+    "resnext50_32x4d": ({}, 64, ("layer1.0.relu_1", "layer2.0.relu_2")),
+    "wide_resnet50_2": ({}, 64, ("layer1.0.relu", "layer1.2.relu_2")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def family(name: str) -> nn.Module:
+    kwargs = FAMILIES[name][0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return getattr(tvm, name)(weights=None, **kwargs).eval()
+
+
+def images(name: str, count: int = 2) -> torch.Tensor:
+    size = FAMILIES[name][1]
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_layers_are_node_names_and_activations_equal_torchvision(name):
+    model = family(name)
+    layers = projectable_layers(model)
+    assert layers and set(layers) <= set(get_graph_node_names(model)[1])
+    picked = sorted({layers[0], layers[len(layers) // 2], layers[-1], *FAMILIES[name][2]} & set(layers) | {
+        graph_of(model).resolve(FAMILIES[name][2][1])})
+    x = images(name)
+    with torch.no_grad():
+        ours = dict(walk(graph_of(model), x, picked))
+        theirs = create_feature_extractor(model, return_nodes=picked)(x)
+    for layer in picked:
+        assert torch.equal(ours[layer], theirs[layer]), layer
+        assert bool((ours[layer] >= 0).all()), layer  # a rectifier's output, or a concatenation of them
+
+
+def test_resnet_names_a_module_called_twice_and_a_stage_by_its_path():
+    model = family("resnet18")
+    layers = projectable_layers(model)
+    assert ["layer1.0.relu", "layer1.0.relu_1"] == [n for n in layers if n.startswith("layer1.0.")]
+    assert graph_of(model).resolve("layer2") == "layer2.1.relu_1"
+    assert "fc" not in " ".join(layers)  # the classifier has no feature maps
+
+
+def test_functional_and_in_place_relus_count_alike():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.relu(self.a(x), inplace=True)
+            x = self.act(self.b(x)).relu_()
+            return torch.relu(self.c(x)) + x[:, :, 1:-1, 1:-1]
+
+    model = Net().eval()
+    assert projectable_layers(model) == ["relu", "act", "relu_", "relu_1"]
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(dict(walk(graph_of(model), x, ["add"]))["add"], model(x.clone()))
+
+
+def test_zoo_aliases_sit_next_to_node_names():
+    from zfkernels import models
+
+    model = models.vgg16(seed=0)
+    aliases = layer_aliases(model)
+    assert aliases["conv1_1"] == "features.1" and aliases["conv5_3"] == "features.29" and aliases["fc7"] == "classifier.4"
+    assert graph_of(model).layers[:2] == ["conv1_1", "conv1_2"]
+    assert projectable_layers(model)[:2] == ["features.1", "features.3"]
+
+
+@pytest.mark.parametrize("builder, operation", [
+    (tvm.efficientnet_b0, r"node 'features.0' \(module Conv2dNormActivation holding SiLU\)"),
+    (tvm.convnext_tiny, r"node 'features.0' \(module Conv2dNormActivation holding LayerNorm2d\)"),
+    (tvm.vit_b_16, r"node 'cat' \(cat of tensors and constants\)"),
+])
+def test_refuses_what_it_cannot_project(builder, operation):
+    with pytest.raises(Unsupported, match=operation):
+        projectable_layers(builder(weights=None))
+
+
+def test_refuses_gates_and_data_dependent_control_flow():
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            return y * torch.sigmoid(y)
+
+    class Branchy(Gate):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return torch.relu(y) if y.sum() > 0 else y
+
+    with pytest.raises(ValueError, match=r"node 'sigmoid' \(function sigmoid\)"):
+        projectable_layers(Gate())
+    with pytest.raises(ValueError, match=r"Branchy cannot be traced by torch.fx: data-dependent control flow"):
+        projectable_layers(Branchy())
+
+
+def test_unknown_layer_suggests_close_names():
+    graph = graph_of(family("resnet18"))
+    with pytest.raises(ValueError, match=r"unknown layer 'layer1.0.relu_3'; did you mean layer1.0.relu_1, layer1.0.relu"):
+        graph.resolve("layer1.0.relu_3")
