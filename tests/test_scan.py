@@ -92,7 +92,7 @@ def test_select_top_orders_the_whole_float_range_like_a_python_sort(device):
 
 def test_layer_top_keeps_fewer_images_than_k_and_ranks_empty_slots_last(device):
     top = LayerTop.empty(torch.tensor([3, 7]), 5, (4, 4), torch.device(device))
-    # Two images; one map of image 4 was all NaN (spatial_max made it -inf): still a real entry.
+    # Two images; one map of image 4 is -inf everywhere: still a real entry.
     top.merge(*on(device, torch.tensor([[1.0, -math.inf], [0.5, 0.5]]), torch.tensor([[4, 2], [4, 2]]),
                   torch.tensor([[5, 6], [7, 8]])))
     assert top.images.tolist() == [[4, 2, EMPTY, EMPTY, EMPTY], [2, 4, EMPTY, EMPTY, EMPTY]]
@@ -163,7 +163,7 @@ def test_running_top_k_in_every_size_regime_of_the_sort(k, device):
 
 def direct_max(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (image, map), in Python: the largest value and the first (row-major) position holding
-    it; a map holding a NaN is -inf at its first NaN."""
+    it; a map holding a NaN is NaN at its first NaN (ranked as -inf, but shown as NaN)."""
     n, c, h, w = x.shape
     values = torch.empty(n, c)
     positions = torch.empty(n, c, dtype=torch.int64)
@@ -172,7 +172,7 @@ def direct_max(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             flat = x[i, j].reshape(-1).tolist()
             nans = [p for p, v in enumerate(flat) if math.isnan(v)]
             if nans:
-                values[i, j], positions[i, j] = -math.inf, nans[0]
+                values[i, j], positions[i, j] = math.nan, nans[0]
                 continue
             best = max(flat)
             values[i, j], positions[i, j] = best, flat.index(best)
@@ -193,7 +193,8 @@ def test_spatial_max_equals_a_direct_argmax(layout, kind, device):
         x[1, 2].fill_(float("nan"))
     want = direct_max(x)
     values, positions = spatial_max(layout(x.to(device)))  # the layout on the device: .to() would undo a slice
-    assert torch.equal(values.cpu(), want[0]) and torch.equal(positions.cpu(), want[1])
+    assert torch.equal(values.cpu().isnan(), want[0].isnan()) and torch.equal(positions.cpu(), want[1])
+    assert torch.equal(values.cpu().nan_to_num(), want[0].nan_to_num())
 
 
 # -- the scan of real photographs --------------------------------------------------------------------

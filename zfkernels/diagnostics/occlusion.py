@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..deconvnet import Deconvnet
-from ..job.topk import spatial_max
+from ..job.topk import ranked, spatial_max
 from ..models import channels_last
 from . import common
 
@@ -144,6 +144,7 @@ def strongest_map(model: nn.Module, image: torch.Tensor, layer: str) -> Stronges
 def strongest_of(act: torch.Tensor) -> Strongest:
     """:class:`Strongest` of one image's activations ``(1, C, H, W)`` of a layer."""
     values, positions = spatial_max(act.float())
+    values = ranked(values)  # a NaN map ranks last, as in pass 1
     channel = int(values[0].argmax())  # the first of equal maxima: the lower channel
     position = int(positions[0, channel])
     width = act.shape[-1]

@@ -3,28 +3,28 @@ feature map, the grid of projections beside the grid of image patches (the paper
 with activation values and source file names; a PNG per feature map and a PNG grid per layer;
 ``topk.json``; and the log of skipped files.
 
-Self-contained and offline: no scripts, no fonts or styles from elsewhere, every link relative
-and pointing at a file of the gallery. Everything derived from a file name is HTML-escaped
-(names only ever appear as text, never in a URL). Every file is written atomically, and
-``index.html`` last: a folder without it is not a finished gallery.
+The pages come from the Jinja2 templates ``index.html`` and ``layer.html`` (:mod:`.pages`):
+self-contained and offline (no scripts, no fonts or styles from elsewhere, every link relative and
+pointing at a file of the gallery), and autoescaped, so a file name is only ever text (names never
+appear in a URL). Every file is written atomically, and ``index.html`` last: a folder without it
+is not a finished gallery.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
 import os
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import pages
 from .io import atomic_write_bytes, atomic_write_text
 from .project import LayerTiles
 from .topk import LayerTop
@@ -33,35 +33,9 @@ GAP = 2  # pixels between tiles
 SPLIT = 10  # pixels between the projection grid and the patch grid
 BACKGROUND = (255, 255, 255)
 MONTAGE_WIDTH = 2400  # target width of a layer's PNG grid
-
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-h1,h2{font-weight:600}a{color:#0645ad}
-.warn{background:#fee;border:2px solid #c00;padding:.6em 1em;font-weight:600;color:#900}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
-.maps{display:flex;flex-wrap:wrap;gap:1.2em}
-.fm{background:#fff;border:1px solid #ddd;padding:.6em;max-width:100%}
-.fm h3{margin:.1em 0 .4em;font-size:1em}
-.fm img{display:block;image-rendering:pixelated}
-.fm ol{margin:.4em 0 0;padding-left:1.6em;font-size:12px}
-.fm .v{font-variant-numeric:tabular-nums;font-weight:600}
-.fm .f{word-break:break-all}
-.links a{margin-right:.5em}
-code{background:#eee;padding:0 .2em}
-"""
-
-
-def text(value: object) -> str:
-    """HTML-escape anything shown as text (file names may hold <, &, quotes, or bytes that are
-    not UTF-8: those are shown as U+FFFD)."""
-    s = str(value)
-    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return html.escape(s, quote=True)
-
-
-def href(path: str) -> str:
-    """A relative URL to one of the gallery's own files, escaped for an attribute."""
-    return html.escape(urllib.parse.quote(path), quote=True)
+# topk.json's strings for the activations JSON has no number for: JavaScript's spellings, which
+# Python's float() and JavaScript's Number() read back as the values they name.
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def log_text(value: str) -> str:
@@ -167,39 +141,6 @@ def montage(cells: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
     return np.asarray(sheet)
 
 
-def page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>{text(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )
-
-
-def _run_header(info: RunInfo) -> str:
-    parts = []
-    if info.untrained:
-        parts.append(
-            "<p class=\"warn\">These weights are UNTRAINED: a seeded random network. The pictures show what random "
-            "filters respond to, not learned features. Pass --weights for a trained network.</p>"
-        )
-    weights = "seeded random (untrained)" if info.weights is None else info.weights
-    parts.append(
-        "<table>"
-        f"<tr><th>architecture</th><td>{text(info.arch)}</td></tr>"
-        f"<tr><th>weights</th><td>{text(weights)}</td></tr>"
-        f"<tr><th>images</th><td>{text(info.data)}: {info.images} scanned, "
-        f"<a href=\"skipped.txt\">{info.skipped} skipped</a></td></tr>"
-        f"<tr><th>preprocessing</th><td>{text(info.preprocess.get('transform', ''))}; "
-        f"{text(info.preprocess.get('color', ''))}; decoder {text(info.preprocess.get('decoder', ''))}</td></tr>"
-        f"<tr><th>selection</th><td>top {info.top} images per feature map by their strongest activation; "
-        f"projections by the {text(info.mode)}</td></tr>"
-        "<tr><th>files</th><td><a href=\"topk.json\">topk.json</a></td></tr>"
-        "</table>"
-    )
-    for note in info.notes:
-        parts.append(f"<p>{text(note)}</p>")
-    return "\n".join(parts)
-
-
 def render_layer(
     out: Path,
     layer: str,
@@ -210,12 +151,12 @@ def render_layer(
     layers: Sequence[str],
     progress: Optional[Callable[[int], None]] = None,
 ) -> None:
-    """Write one layer's cell PNGs, its PNG grid and its page."""
+    """Write one layer's cell PNGs, its PNG grid and its page (``layer.html``)."""
     (out / "layers" / layer).mkdir(parents=True, exist_ok=True)
     cells: List[np.ndarray] = []
     labels: List[str] = []
-    sections: List[str] = []
-    rows, columns = grid_shape(top.values.shape[1])
+    maps: List[Dict[str, object]] = []
+    k = top.values.shape[1]
     # PNG encoding is most of the rendering time and Pillow's encoder releases the GIL: encode
     # on every core (the bytes are the same whatever the thread).
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
@@ -231,78 +172,54 @@ def render_layer(
         pending.append(pool.submit(write_png, out / cell_png(layer, channel), cell))
         cells.append(cell)
         labels.append(str(channel))
-        items = []
-        for r, (image, value, y, x) in enumerate(top.entries(j)):
-            name = files[image]
-            missing = "" if tiles.filled[j, r] else " <em>(could not be read again)</em>"
-            items.append(
-                f"<li><span class=\"v\">{value:.4g}</span> <span class=\"f\" title=\"{text(name)}\">{text(name)}</span> "
-                f"<span class=\"p\">(y {y}, x {x})</span>{missing}</li>"
-            )
-        if not items:
-            items.append("<li><em>no image</em></li>")
-        h, w = cell.shape[:2]
-        alt = f"{layer} feature map {channel}: projections (left) and image patches (right) of its top {top.values.shape[1]}"
-        sections.append(
-            f"<section class=\"fm\" id=\"f{channel}\"><h3>{text(layer)} · feature map {channel}</h3>"
-            f"<img src=\"{href(cell_png(layer, channel))}\" width=\"{w}\" height=\"{h}\" loading=\"lazy\" alt=\"{text(alt)}\">"
-            f"<ol>{''.join(items)}</ol></section>"
-        )
+        entries = [{"value": value, "name": files[image], "y": y, "x": x, "filled": bool(tiles.filled[j, r])}
+                   for r, (image, value, y, x) in enumerate(top.entries(j))]
+        maps.append({
+            "channel": channel, "png": cell_png(layer, channel), "height": cell.shape[0], "width": cell.shape[1],
+            "alt": f"{layer} feature map {channel}: projections (left) and image patches (right) of its top {k}",
+            "entries": entries,
+        })
     with pool:
         if cells:
             atomic_write_bytes(out / montage_png(layer), png_bytes(montage(cells, labels)))
         for future in pending:
             future.result()  # (re-raises a failed write)
-    g = tiles.geometry
-    nav = " ".join(
-        f"<a href=\"{href(layer_page(name))}\">{text(name)}</a>" if name != layer else f"<strong>{text(name)}</strong>"
-        for name in layers
+    size = tiles.geometry.size
+    page = pages.render(
+        "layer.html", title=f"{info.arch} {layer}", info=info, layer=layer,
+        layers=[{"name": name, "page": layer_page(name)} for name in layers],
+        top=k, grid=grid_shape(k), field=(size[1], size[0]), tile=tiles.tile, map=top.map_size,
+        montage=montage_png(layer), maps=maps,
     )
-    body = (
-        f"<p class=\"links\"><a href=\"index.html\">index</a> · layers: {nav}</p>\n"
-        f"<h1>{text(info.arch)} {text(layer)}</h1>\n{_run_header(info)}\n"
-        f"<p>Each feature map: on the left the {text(info.mode)} projections of its top {top.values.shape[1]} "
-        f"activations ({rows}×{columns}, best first, row by row), on the right the image patches that caused them. "
-        f"Receptive field {g.size[1]}×{g.size[0]} pixels of the 224×224 crop, shown at {tiles.tile}×{tiles.tile}; "
-        f"projections have zero at mid-grey. Feature map {top.map_size[0]}×{top.map_size[1]}. "
-        f"<a href=\"{href(montage_png(layer))}\">The whole layer as one PNG</a>.</p>\n"
-        f"<div class=\"maps\">\n" + "\n".join(sections) + "\n</div>"
-    )
-    atomic_write_text(out / layer_page(layer), page(f"{info.arch} {layer}", body))
+    atomic_write_text(out / layer_page(layer), page)
 
 
 def render_index(out: Path, tops: Dict[str, LayerTop], tiles: Dict[str, LayerTiles], info: RunInfo,
                  total_channels: Dict[str, int]) -> None:
-    """Write ``index.html`` (last: its presence marks a finished gallery)."""
-    rows = []
-    lists = []
+    """Write ``index.html`` (``index.html`` template; last: its presence marks a finished gallery)."""
+    layers = []
     for layer, top in tops.items():
-        g = tiles[layer].geometry
-        rows.append(
-            f"<tr><td><a href=\"{href(layer_page(layer))}\">{text(layer)}</a></td>"
-            f"<td>{top.channels.numel()} of {total_channels.get(layer, top.channels.numel())}</td>"
-            f"<td>{top.map_size[0]}×{top.map_size[1]}</td><td>{g.size[1]}×{g.size[0]}</td>"
-            f"<td><a href=\"{href(montage_png(layer))}\">PNG grid</a></td></tr>"
-        )
-        links = " ".join(
-            f"<a href=\"{href(layer_page(layer))}#f{c}\">{c}</a>" for c in top.channels.tolist()
-        )
-        lists.append(f"<h2 id=\"{text(layer)}\">{text(layer)}</h2>\n<p class=\"links\">feature maps: {links}</p>")
-    extra = ""
-    if (out / "diagnostics.html").is_file():
-        extra = "<p class=\"links\"><a href=\"diagnostics.html\">The paper's other diagnostics (occlusion, correspondence, invariance, evolution, filters)</a></p>\n"
-    body = (
-        f"<h1>zfk visualize: {text(info.arch)}</h1>\n{_run_header(info)}\n{extra}"
-        "<h2>Layers</h2>\n<table><tr><th>layer</th><th>feature maps</th><th>map</th><th>receptive field</th>"
-        "<th></th></tr>\n" + "\n".join(rows) + "\n</table>\n" + "\n".join(lists)
-    )
-    atomic_write_text(out / "index.html", page(f"zfk visualize: {info.arch}", body))
+        size = tiles[layer].geometry.size
+        layers.append({
+            "name": layer, "page": layer_page(layer), "montage": montage_png(layer), "channels": top.channels.tolist(),
+            "total": total_channels.get(layer, top.channels.numel()), "map": top.map_size, "field": (size[1], size[0]),
+        })
+    page = pages.render("index.html", title=f"zfk visualize: {info.arch}", info=info, layers=layers,
+                        diagnostics=(out / "diagnostics.html").is_file())
+    atomic_write_text(out / "index.html", page)
+
+
+def json_value(value: float) -> Union[float, str]:
+    """An activation as ``topk.json`` holds it: a finite value as a number, NaN, +inf and -inf
+    as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (:data:`NONFINITE`)."""
+    return value if math.isfinite(value) else NONFINITE[str(value)]
 
 
 def topk_document(arch: str, weights: Optional[str], preprocess: Dict[str, object], tops: Dict[str, LayerTop],
                   files: Sequence[str], boxes: Callable[[str, int, int], Tuple[int, int, int, int]]) -> Dict[str, object]:
     """``topk.json``'s content: ``{"arch", "weights", "preprocess", "layers": {layer: [{"channel",
-    "top": [{"image", "value", "y", "x", "box"}, ...]}, ...]}}``, entries best first."""
+    "top": [{"image", "value", "y", "x", "box"}, ...]}, ...]}}``, entries best first; a value
+    that is not finite is a string (:func:`json_value`)."""
     layers: Dict[str, List[Dict[str, object]]] = {}
     for layer, top in tops.items():
         maps = []
@@ -311,7 +228,7 @@ def topk_document(arch: str, weights: Optional[str], preprocess: Dict[str, objec
             for image, value, y, x in top.entries(j):
                 entries.append({
                     "image": files[image],
-                    "value": value if math.isfinite(value) else None,
+                    "value": json_value(value),
                     "y": y,
                     "x": x,
                     "box": list(boxes(layer, y, x)),

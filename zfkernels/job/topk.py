@@ -2,10 +2,11 @@
 argmax, and the merge of candidates into each feature map's top K under a total order.
 
 Ranking is lexicographic: larger value first, ties to the smaller image index (the earlier
-file), NaN ranked as -inf. Because a merge of two top-K lists under a total order is the top-K
-of their union, the running result is exactly what a brute-force sort of every (image, map)
-value picks, whatever the order in which batches arrive: that is what makes resuming and
-sharding over processes give the same answer as one uninterrupted run.
+file), NaN ranked as -inf (but kept as NaN in the values, so that pages and ``topk.json`` show
+it as it is). Because a merge of two top-K lists under a total order is the top-K of their union,
+the running result is exactly what a brute-force sort of every (image, map) value picks, whatever
+the order in which batches arrive: that is what makes resuming and sharding over processes give
+the same answer as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ import torch
 # files at most), so an index fits the low half of a 64-bit ranking key.
 EMPTY = (1 << 32) - 1
 
+def ranked(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as the ranking sees them: NaN as -inf. Only for comparing: the values kept in
+    a top-K stay NaN, so that a NaN activation is shown as NaN."""
+    return torch.where(torch.isnan(values), -math.inf, values)
+
+
 def rank_key(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """int64 keys, one per entry, whose *descending* order is (value descending, image index
     ascending): the float32 value's bits mapped to a signed integer of the same order in the
     high 32 bits, ``EMPTY - image`` in the low 32. Distinct images give distinct keys; only
-    unfilled slots (all alike) share one. NaN values must have been mapped to -inf by the
-    caller."""
-    v = values.float() + 0.0  # -0.0 -> +0.0: values that compare equal must get equal keys
+    unfilled slots (all alike) share one. NaN gets -inf's key (:func:`ranked`)."""
+    v = ranked(values.float()) + 0.0  # -0.0 -> +0.0: values that compare equal must get equal keys
     bits = v.view(torch.int32).to(torch.int64)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: reverse the magnitude order
     return ordered * (1 << 32) + (EMPTY - images)
@@ -66,14 +72,14 @@ def select_top(
 
 def spatial_max(activation: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (image, map): the largest activation and the flat position ``y * W + x`` of its first
-    occurrence in row-major order. ``(N, C, H, W)`` -> two ``(N, C)`` tensors; NaN becomes -inf.
+    occurrence in row-major order. ``(N, C, H, W)`` -> two ``(N, C)`` tensors. A map holding a NaN
+    has the value NaN at its first NaN (``max`` propagates NaN), which ranks as -inf (:func:`ranked`).
 
     Reduces over the spatial axes of the (N, H, W, C) view, which is free for the channels-last
     activations pass 1 computes (no copy of the map)."""
     n, c, h, w = activation.shape
     flat = activation.permute(0, 2, 3, 1).reshape(n, h * w, c)
     values, positions = flat.max(dim=1)  # ties: the first index (PyTorch documents this)
-    values = torch.nan_to_num(values, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return values, positions
 
 
