@@ -26,15 +26,9 @@ from zfkernels.job import data as data_mod
 from zfkernels.deconvnet import Deconvnet
 from zfkernels.job.scan import ScanPlan
 
-from _images import load as load_pillow
+from _images import load as load_pillow, photographs
 
 REPO = Path(__file__).resolve().parents[1]
-# Real photographs used by several tests; the Airedale is grayscale.
-REAL = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n01484850_great_white_shark.JPEG",
-        "n01491361_tiger_shark.JPEG", "n01496331_electric_ray.JPEG", "n01498041_stingray.JPEG",
-        "n01514668_cock.JPEG", "n01514859_hen.JPEG", "n02096051_Airedale.JPEG", "n02676566_acoustic_guitar.JPEG",
-        "n04254680_soccer_ball.JPEG", "n01530575_brambling.JPEG"]
-GRAYSCALE = "n02096051_Airedale.JPEG"
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -71,14 +65,16 @@ def photo_folder(root: Path, count: int, *, seed: int = 0, ext: str = ".png") ->
     return root
 
 
-def real_folder(shared: Path, root: Path, names: Sequence[str] = REAL, twins: Optional[Dict[str, str]] = None) -> Path:
-    """Copies of real photographs in ``root`` (a test may add to it); ``twins`` maps further
-    names to the photograph each is a byte-identical copy of (exact ties between images)."""
+def real_folder(root: Path, photos: Optional[Sequence[Path]] = None, twins: Optional[Dict[str, str]] = None) -> Path:
+    """Copies of real photographs in ``root`` (a test may add to it): ``photos``, by default the
+    package's seven (one grayscale) and, where present, three ImageNet ones; ``twins`` maps
+    further names to the copied photograph each is a byte-identical copy of (exact ties between
+    images)."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copyfile(shared / name, root / name)
+    for path in photographs(extra=3) if photos is None else photos:
+        shutil.copyfile(path, root / path.name)
     for twin, name in (twins or {}).items():
-        shutil.copyfile(shared / name, root / twin)
+        shutil.copyfile(root / name, root / twin)
     return root
 
 

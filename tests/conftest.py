@@ -1,15 +1,17 @@
-"""Shared fixtures: devices (CPU always, CUDA when a GPU is visible), dtypes, layouts, data."""
+"""Shared fixtures: devices (CPU always, CUDA when a GPU is visible), dtypes, layouts, data.
+Photographs come from ``_images``; under ``CI=true`` a skip for any reason but CUDA fails
+(``_skips``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
 import torch
 
 import zfkernels
+
+from _skips import pytest_runtest_makereport  # noqa: F401 (a hook: pytest finds it in this module)
 
 CUDA_REASON = "no CUDA GPU visible, or the CUDA kernels were not compiled"
 DEVICES = [
@@ -62,9 +64,6 @@ def geometry_id(g) -> str:
     return "x".join(map(str, g[0])) + f"-k{g[1]}s{g[2]}p{g[3]}{'c' if g[4] else ''}"
 
 
-# ZFK_SAMPLE_IMAGES points elsewhere (e.g. a copy on a GPU machine that has no ../shared).
-SHARED_IMAGES = Path(os.environ.get("ZFK_SAMPLE_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")
-
 if torch.cuda.is_available():
     # Compare against references in true float32: no TF32 in cuDNN or cuBLAS.
     torch.backends.cudnn.allow_tf32 = False
@@ -96,14 +95,6 @@ LAYOUTS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request: pytest.FixtureRequest) -> Callable[[torch.Tensor], torch.Tensor]:
     return LAYOUTS[request.param]
-
-
-@pytest.fixture(scope="session")
-def shared_images() -> Path:
-    """The 800 ImageNet sample photographs beside the repository (skipped when absent)."""
-    if not SHARED_IMAGES.is_dir():
-        pytest.skip(f"real images not available: {SHARED_IMAGES} is absent (it lives in ../shared beside the repo)")
-    return SHARED_IMAGES
 
 
 def hostile(shape, kind: str, generator: torch.Generator) -> torch.Tensor:

@@ -21,7 +21,10 @@ from zfkernels.diagnostics.correspondence import (
     sign_change,
 )
 
-DOGS = ["n02085620_Chihuahua.JPEG", "n02085782_Japanese_spaniel.JPEG", "n02085936_Maltese_dog.JPEG"]
+from _images import SAMPLES
+
+PHOTOS = [SAMPLES / name for name in ("astronaut.jpg", "cameraman.jpg", "grace_hopper.jpg")]  # three faces, one grayscale
+NAMES = [path.name for path in PHOTOS]
 
 
 def naive_delta(eps: torch.Tensor) -> int:
@@ -145,12 +148,12 @@ def test_bad_parts_files(tmp_path, document, message):
     assert message in str(error.value) and str(path) in str(error.value)
 
 
-def test_command_on_real_photographs(shared_images, tmp_path, capsys):
-    parts = {"centre": {DOGS[0]: [90, 90, 130, 130], DOGS[1]: [80, 80, 120, 120], DOGS[2]: [100, 90, 140, 130]},
-             "corner": {DOGS[0]: [0, 0, 40, 40], DOGS[1]: [10, 10, 50, 50], DOGS[2]: [0, 0, 40, 40]}}
+def test_command_on_real_photographs(tmp_path, capsys):
+    parts = {"centre": {NAMES[0]: [90, 90, 130, 130], NAMES[1]: [80, 80, 120, 120], NAMES[2]: [100, 90, 140, 130]},
+             "corner": {NAMES[0]: [0, 0, 40, 40], NAMES[1]: [10, 10, 50, 50], NAMES[2]: [0, 0, 40, 40]}}
     path = _write(tmp_path, {"parts": parts})
     out = tmp_path / "out"
-    argv = ["correspondence", "--images", *[str(shared_images / d) for d in DOGS], "--parts", str(path),
+    argv = ["correspondence", "--images", *map(str, PHOTOS), "--parts", str(path),
             "--trials", "2", "--out", str(out), "-q"]
     assert cli.main(argv) == 0
     document = json.loads((out / "correspondence" / "correspondence.json").read_text())

@@ -14,8 +14,8 @@ from PIL import Image
 
 from zfkernels.job import data as data_mod
 
-from _images import RESIZE_CROP, load
-from _visualize import GRAYSCALE, REAL, jpeg_bytes, jpeg_decoding_device, photo, write_broken_files, write_photo
+from _images import GRAYSCALE, RESIZE_CROP, SAMPLES, load, load_files, photographs
+from _visualize import jpeg_bytes, jpeg_decoding_device, photo, write_broken_files, write_photo
 
 
 # -- discovery ---------------------------------------------------------------------------------
@@ -185,12 +185,12 @@ def test_unreadable_files_raise(tmp_path, kind):
 # -- the transform against torchvision ---------------------------------------------------------------
 
 
-def test_uint8_crops_then_normalize_equal_torchvision_bitwise(shared_images):
-    names = REAL[:4] + [GRAYSCALE]
-    assert Image.open(shared_images / GRAYSCALE).mode == "L"
-    crops = torch.stack([data_mod.load_crop(shared_images / n) for n in names])
+def test_uint8_crops_then_normalize_equal_torchvision_bitwise():
+    paths = photographs(extra=5)  # the package's seven, and five ImageNet ones where present
+    assert Image.open(SAMPLES / GRAYSCALE).mode == "L"
+    crops = torch.stack([data_mod.load_crop(path) for path in paths])
     ours = data_mod.normalize(crops)
-    want = load(shared_images, names)
+    want = load_files(paths)
     assert ours.dtype == want.dtype == torch.float32
     assert torch.equal(ours, want)  # bitwise: the same roundings in the same order
     # What the network saw, back to pixels.

@@ -14,16 +14,16 @@ from zfkernels import models
 from zfkernels.diagnostics import common
 from zfkernels.diagnostics.evolution import feature_evolution, montage
 
-from _images import load
+from _images import SAMPLE_PHOTOS, load
 from _visualize import real_folder
 
-NAMES = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n01530575_brambling.JPEG", "n01532829_house_finch.JPEG",
-         "n02085620_Chihuahua.JPEG"]
+PHOTOS = SAMPLE_PHOTOS[:5]  # sorted, one grayscale
+NAMES = [path.name for path in PHOTOS]
 
 
 @pytest.fixture
-def folder(shared_images, tmp_path):
-    return real_folder(shared_images, tmp_path / "images", NAMES)
+def folder(tmp_path):
+    return real_folder(tmp_path / "images", PHOTOS)
 
 
 def brute_force(act: torch.Tensor):

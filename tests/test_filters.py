@@ -14,6 +14,7 @@ from zfkernels.errors import UsageError
 from zfkernels.diagnostics.common import FeatureExtractor, paper_layers
 from zfkernels.diagnostics.filters import filter_grid, first_conv, layer2_sheet, normalise_filters, parse_compare
 
+from _images import SAMPLES
 from _visualize import brute_force_topk, real_folder
 
 
@@ -86,9 +87,10 @@ def test_layer2_sheet():
     assert (sheet[cell + 6 + 7:cell + 6 + 13, 7:13] == 255).all()  # the missing entry of map 2 is blank
 
 
-def test_command_two_models_and_layer2(shared_images, tmp_path, capsys):
-    names = ["n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG"]
-    data = real_folder(shared_images, tmp_path / "images", names)
+def test_command_two_models_and_layer2(tmp_path, capsys):
+    photos = [SAMPLES / name for name in ("cameraman.jpg", "chelsea_cat.jpg", "coffee.jpg")]  # one grayscale
+    names = [path.name for path in photos]
+    data = real_folder(tmp_path / "images", photos)
     out = tmp_path / "out"
     argv = ["filters", "--compare", "alexnet", "--data", str(data), "--features", "0-1", "--top", "2", "--out", str(out), "-q"]
     assert cli.main(argv) == 0

@@ -11,6 +11,8 @@ import pytest
 from zfkernels.errors import UsageError
 from zfkernels.diagnostics import common
 
+from _images import IMAGENET, IMAGENET_NAMES, imagenet_folder_present
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,11 +40,21 @@ def test_synset_list_is_package_data():
     assert (ROOT / "zfkernels" / "diagnostics" / "imagenet_synsets.txt").is_file()
 
 
-def test_every_sample_synset_is_listed_and_named_as_torchvision_names_it(shared_images):
+# File names of ImageNet photographs, "<synset>_<class name>", checked always; the 800 of the
+# ImageNet sample folder (800 classes) where it is present.
+NAMED = [Path(name) for name in IMAGENET_NAMES + ["n02085620_Chihuahua.JPEG", "n02085782_Japanese_spaniel.JPEG",
+                                                 "n01532829_house_finch.JPEG", "n15075141_toilet_tissue.JPEG"]]
+SOURCES = {"named": lambda: NAMED}
+if imagenet_folder_present():
+    SOURCES["imagenet-sample"] = lambda: sorted(p for p in IMAGENET.iterdir() if p.suffix == ".JPEG")
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_every_sample_synset_is_listed_and_named_as_torchvision_names_it(source):
     synsets = common.imagenet_synsets()
     names = common.class_names()
-    files = sorted(p for p in shared_images.iterdir() if p.suffix == ".JPEG")
-    assert len(files) == 800
+    files = SOURCES[source]()
+    assert len(files) == {"named": len(NAMED), "imagenet-sample": 800}[source]
     mismatches = []
     for path in files:
         wnid, _, name = path.stem.partition("_")

@@ -14,9 +14,12 @@ from zfkernels import cli
 from zfkernels.job import data as data_mod
 from zfkernels.diagnostics.invariance import invariance_curves, resized, transform_images, window_origin
 
+from _images import GRAYSCALE, SAMPLES, imagenet
 
-def test_identity_is_the_evaluation_crop(shared_images):
-    path = shared_images / "n01443537_goldfish.JPEG"
+
+@pytest.mark.parametrize("path", [SAMPLES / "chelsea_cat.jpg", SAMPLES / GRAYSCALE] + imagenet(["n01443537_goldfish.JPEG"]),
+                         ids=lambda p: p.name)
+def test_identity_is_the_evaluation_crop(path):
     image = data_mod.normalize(resized(path).unsqueeze(0))[0]
     expected = data_mod.normalize(data_mod.load_crop(path).unsqueeze(0))[0]
     for transform, identity in (("translate", 0), ("scale", 1), ("rotate", 0)):
@@ -93,11 +96,11 @@ def test_translation_curves_of_an_equivariant_model(device):
     assert torch.allclose(curves.probability[0], curves.probability[0, shifts.index(0)], atol=1e-6)
 
 
-def test_zero_distance_at_the_identity_on_a_real_model(shared_images):
+def test_zero_distance_at_the_identity_on_a_real_model():
     from zfkernels import models
 
     model = models.zfnet(seed=0).eval()
-    image = data_mod.normalize(resized(shared_images / "n01440764_tench.JPEG").unsqueeze(0))[0]
+    image = data_mod.normalize(resized(SAMPLES / "chelsea_cat.jpg").unsqueeze(0))[0]
     curves = invariance_curves(model, [image], [0], "rotate", [0, 30], ["conv1", "fc7"])
     for layer in ("conv1", "fc7"):
         assert float(curves.distance[layer][0, 0]) < 1e-6
@@ -105,9 +108,9 @@ def test_zero_distance_at_the_identity_on_a_real_model(shared_images):
     assert curves.probability.shape == (1, 2)
 
 
-def test_command_on_a_real_photograph(shared_images, tmp_path, capsys):
+def test_command_on_a_real_photograph(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["invariance", str(shared_images / "n01440764_tench.JPEG"), "--transform", "translate",
+    argv = ["invariance", str(SAMPLES / "coffee.jpg"), "--label", "967", "--transform", "translate",  # 967: espresso
             "--values=-16,0,16", "--out", str(out), "-q"]
     assert cli.main(argv) == 0
     document = json.loads((out / "invariance" / "invariance.json").read_text())

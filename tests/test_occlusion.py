@@ -15,6 +15,8 @@ from zfkernels import cli, models
 from zfkernels.diagnostics import common
 from zfkernels.diagnostics.occlusion import occlusion_grid, occlusion_maps, project_strongest, strongest_map
 
+from _images import SAMPLES
+
 
 class Tiny(nn.Module):
     """A small zoo-style network (features / avgpool / classifier) for exact comparisons."""
@@ -143,8 +145,8 @@ def test_fill_values():
     assert torch.equal(common.fill_value("128"), grey)
 
 
-def test_command_on_a_real_photograph(shared_images, tmp_path, capsys):
-    source = shared_images / "n01440764_tench.JPEG"
+def test_command_on_a_real_photograph(tmp_path, capsys):
+    source = SAMPLES / "chelsea_cat.jpg"  # named below as a tench: the file name gives the true class
     odd = tmp_path / "in" / 'n01440764_<b>&"$\\q{$x.JPEG'  # HTML and matplotlib's mathtext both stay out
     odd.parent.mkdir()
     shutil.copy(source, odd)

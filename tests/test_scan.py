@@ -19,7 +19,8 @@ from zfkernels.job.topk import EMPTY, LayerTop, merge_states, select_top, spatia
 from zfkernels.job.checkpoint import ScanState
 from zfkernels.job.scan import Scanner, run_scan
 
-from _visualize import REAL, brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, scan_plan, torchvision_decoded
+from _images import photographs
+from _visualize import brute_force_topk, jpeg_decoding_device, photo_folder, real_folder, scan_plan, torchvision_decoded
 
 # -- the ranking ---------------------------------------------------------------------------------
 
@@ -219,12 +220,12 @@ def zfnet():
 
 
 @pytest.fixture
-def photos_with_twins(shared_images, tmp_path) -> Path:
-    """Ten real photographs (one grayscale) and two byte-identical copies: exact ties between
-    images where the CPU computes both copies bitwise alike (most do), which the brute force
-    gives to the earlier file."""
-    return real_folder(shared_images, tmp_path / "data", REAL[:10],
-                       twins={"zz_twin_of_tench.JPEG": REAL[0], "n01443537_goldfish_twin.JPEG": REAL[1]})
+def photos_with_twins(tmp_path) -> Path:
+    """The package's seven photographs (one grayscale), three ImageNet ones where present, and
+    two byte-identical copies: exact ties between images where the CPU computes both copies
+    bitwise alike (most do), which the brute force gives to the earlier file."""
+    return real_folder(tmp_path / "data", twins={"zz_twin_of_astronaut.jpg": "astronaut.jpg",
+                                                 "chelsea_cat_twin.jpg": "chelsea_cat.jpg"})
 
 
 def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twins, zfnet, device):
@@ -236,15 +237,16 @@ def test_run_scan_of_real_photographs_equals_a_brute_force_scan(photos_with_twin
     files = plan.images.files
     want = brute_force_topk(zfnet, photos_with_twins, files, layers, None, 4, 5, device)
     assert as_document(result.layers, files, zfnet) == want
-    assert result.scanned == len(files) == 12 and result.skipped == []
+    assert result.scanned == len(files) == len(photographs(extra=3)) + 2 and result.skipped == []
 
 
-def test_run_scan_of_batch_decoded_jpegs_equals_a_brute_force_scan(shared_images, tmp_path, zfnet, device):
+def test_run_scan_of_batch_decoded_jpegs_equals_a_brute_force_scan(tmp_path, zfnet, device):
     """Pass 1 with the files' bytes decoded as batches on the device (nvjpeg on a GPU; libjpeg
     through the same code on the CPU) equals a brute force over torchvision's documented
     decode-then-transform of the same batches."""
     jpeg_decoding_device(device)
-    root = real_folder(shared_images, tmp_path / "data", REAL[:9])  # JPEGs, one grayscale
+    photos = photographs(extra=2)
+    root = real_folder(tmp_path / "data", photos)  # JPEGs, one grayscale
     layers = ["conv1", "conv4"]
     channels = {"conv1": torch.arange(96), "conv4": torch.arange(0, 384, 7)}
     plan = scan_plan(root, layers, channels, top=3, batch_size=4)
@@ -253,7 +255,7 @@ def test_run_scan_of_batch_decoded_jpegs_equals_a_brute_force_scan(shared_images
     want = brute_force_topk(zfnet, root, files, layers, None, 3, 4, device, load=torchvision_decoded(device))
     want["conv4"] = [want["conv4"][c] for c in channels["conv4"].tolist()]
     assert as_document(result.layers, files, zfnet) == want
-    assert result.scanned == 9 and result.skipped == []
+    assert result.scanned == len(photos) and result.skipped == []
 
 
 def test_resumed_and_sharded_scans_equal_the_uninterrupted_one(tmp_path, zfnet, device):

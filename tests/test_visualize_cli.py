@@ -24,7 +24,7 @@ from zfkernels import models
 from zfkernels.job.checkpoint import CHECKPOINT_VERSION, ScanState
 
 from conftest import CUDA_REASON
-from _visualize import (REAL, REPO, brute_force_topk, jpeg_decoding_device, photo, photo_folder, read_topk, real_folder,
+from _visualize import (REPO, brute_force_topk, jpeg_decoding_device, photo, photo_folder, read_topk, real_folder,
                         run_zfk, subprocess_env, torch_threads, torchvision_decoded, visualize, write_broken_files,
                         write_photo, zfk, zfk_command)
 
@@ -39,8 +39,7 @@ SAMPLES = sorted(p.name for p in (Path(zfkernels.__file__).parent / "sample_imag
 def folder(request, tmp_path) -> Path:
     if request.param == "real":
         # exact ties: the earlier file wins
-        root = real_folder(request.getfixturevalue("shared_images"), tmp_path / "data",
-                           twins={"zz_copy_of_tiger_shark.JPEG": REAL[3]})
+        root = real_folder(tmp_path / "data", twins={"zz_copy_of_coffee.jpg": "coffee.jpg"})
     else:
         root = photo_folder(tmp_path / "data", 12)
         shutil.copyfile(root / "img004.png", root / "img004_copy.png")
@@ -84,9 +83,9 @@ def test_topk_json_equals_a_brute_force_scan(folder, tmp_path, capsys, device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not zfkernels.has_cuda(), reason=CUDA_REASON)
-def test_nvjpeg_run_equals_a_brute_force_scan_of_gpu_decoded_images(shared_images, tmp_path, capsys):
+def test_nvjpeg_run_equals_a_brute_force_scan_of_gpu_decoded_images(tmp_path, capsys):
     jpeg_decoding_device("cuda")
-    root = real_folder(shared_images, tmp_path / "data")  # JPEGs only (one grayscale): all decoded on the GPU
+    root = real_folder(tmp_path / "data")  # JPEGs only (one grayscale): all decoded on the GPU
     out = tmp_path / "out"
     status, _, err = zfk(visualize(root, out, "--layers", "conv2,conv5", "--features", "0-7", "--top", "4",
                                    "--batch-size", "4", "--decoder", "nvjpeg", device="cuda"), capsys)
