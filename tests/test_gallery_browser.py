@@ -20,20 +20,19 @@ WINDOW = (1200, 900)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--host-resolver-rules=MAP * ~NOTFOUND"]  # offline: no name resolves
-# Appended to a copy of a page: load every image now (the cells are loading="lazy" on purpose),
-# wait for all of them, then write "loaded/total" into the DOM.
+# Appended to a copy of a page whose images are made eager (the cells are loading="lazy" on
+# purpose): once the window's load event has fired, every image has loaded or failed; write
+# "loaded/total" into the DOM.
 CHECK = """
 <script>
-(async () => {
+window.addEventListener("load", () => {
   const images = Array.from(document.images);
-  images.forEach(i => { i.loading = "eager"; });
-  await Promise.all(images.map(i => i.decode().catch(() => null)));
   const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
   const result = document.createElement("pre");
   result.id = "zfk-image-check";
   result.textContent = loaded + "/" + images.length;
   document.body.appendChild(result);
-})();
+});
 </script>
 """
 
@@ -51,7 +50,8 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def images_loaded(tmp_path: Path, page: Path) -> tuple:
     """(loaded, total) images of ``page``, from a checked copy beside it (same relative links)."""
     copy = page.with_name(f"check-{page.name}")
-    copy.write_text(page.read_text("utf-8").replace("</body>", CHECK + "</body>"), encoding="utf-8")
+    source = page.read_text("utf-8").replace('loading="lazy"', 'loading="eager"')
+    copy.write_text(source.replace("</body>", CHECK + "</body>"), encoding="utf-8")
     try:
         dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()).stdout
     finally:
@@ -98,3 +98,21 @@ def test_the_image_check_sees_a_missing_image(gallery, tmp_path):
         assert images_loaded(tmp_path, broken) == (3, 4)
     finally:
         broken.unlink()
+
+
+@pytest.mark.slow
+def test_a_diagnostic_page_and_the_diagnostics_index_open_offline(gallery, tmp_path):
+    """``zfk occlusion`` into the gallery's folder (after the tests above): its page's figure
+    loads from disk, and diagnostics.html renders."""
+    from _images import SAMPLES
+
+    photo = tmp_path / "n02123045_cat.jpg"  # the synset in the name gives the true class
+    photo.write_bytes((SAMPLES / "chelsea_cat.jpg").read_bytes())
+    status, _, _ = zfk(["occlusion", str(photo), "--stride", "56", "--size", "60", "--device", "cpu", "--out", gallery,
+                        "--quiet"])
+    assert status == 0
+    assert images_loaded(tmp_path, gallery / "occlusion" / "index.html") == (1, 1)
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, "--virtual-time-budget=5000", f"--screenshot={shot}", (gallery / "diagnostics.html").as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    assert (pixels < 100).all(axis=1).mean() > 0.0005  # its heading and links were drawn
