@@ -100,6 +100,11 @@ def test_bytes_that_are_not_utf8_are_shown_as_replacement_characters_and_linked_
     assert 'href="caf%E9%20%FF.png"' in page  # the file's own bytes, which a browser opens from disk
 
 
+def test_a_lone_surrogate_from_elsewhere_is_shown_as_a_replacement_character():
+    page = pages.render("diagnostics.html", title=json.loads('"part \\ud800"'), gallery=False, pages=[])
+    assert "<title>part \ufffd" in page.encode("utf-8").decode("utf-8")
+
+
 def test_an_undefined_name_is_an_error_not_an_empty_string():
     with pytest.raises(jinja2.UndefinedError, match="gallery"):
         pages.render("diagnostics.html", title="t", pages=[])

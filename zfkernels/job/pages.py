@@ -22,11 +22,15 @@ __all__ = ["render", "shown", "url", "number"]
 
 def shown(value: object) -> object:
     """A string as it can be shown and written as UTF-8: bytes of a file name that are not UTF-8
-    (surrogate-escaped by Python) become U+FFFD. Markup stays markup (the replacement cannot
+    (surrogate-escaped by Python), and any other lone surrogate, become U+FFFD. Markup stays markup (the replacement cannot
     create a tag); anything else is returned as is."""
     if not isinstance(value, str):
         return value
-    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (JSON's "\ud800" in parts.json)
+        raw = value.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "replace")
     return markupsafe.Markup(text) if isinstance(value, markupsafe.Markup) else text
 
 
