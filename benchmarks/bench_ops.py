@@ -68,14 +68,14 @@ def _cases(device: torch.device, dtype: torch.dtype) -> List[Dict[str, object]]:
         cases.append(dict(
             label="maxpool_switches", sub_label=sub + " NCHW",
             ref=lambda x=x, k=k, s=s, c=ceil: F.max_pool2d(x, k, s, 0, ceil_mode=c, return_indices=True),
-            ours=lambda x=x, k=k, s=s, c=ceil: zfkernels.maxpool_switches(x, k, s, 0, c),
+            ours=lambda x=x, k=k, s=s, c=ceil: zfkernels.maxpool_switches(x, k, s, 0, ceil_mode=c),
         ))
         cases.append(dict(
             label="maxpool_switches", sub_label=sub + " channels-last",
             ref=lambda x=x_cl, k=k, s=s, c=ceil: F.max_pool2d(x, k, s, 0, ceil_mode=c, return_indices=True),
-            ours=lambda x=x_cl, k=k, s=s, c=ceil: zfkernels.maxpool_switches(x, k, s, 0, c),
+            ours=lambda x=x_cl, k=k, s=s, c=ceil: zfkernels.maxpool_switches(x, k, s, 0, ceil_mode=c),
         ))
-        pooled, switches = zfkernels.maxpool_switches(x, k, s, 0, ceil)
+        pooled, switches = zfkernels.maxpool_switches(x, k, s, 0, ceil_mode=ceil)
         y = torch.randn(pooled.shape, generator=gen).to(device, dtype)
         size = (shape[2], shape[3])
         cases.append(dict(

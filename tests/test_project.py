@@ -30,6 +30,38 @@ GEOMETRIES = [
 ]
 
 
+def with_groups_and_dilations(geometries, groups=(1, 2, "depthwise"), dilations=(1, 2, 3)):
+    """(weight shape, stride, padding, map, output_size, groups, dilation): each geometry with
+    groups 1, 2 (where they divide C_out) and depthwise (weight (C_out, 1, kH, kW), groups C_out),
+    at dilations 1-3 (output_size grown by the dilated kernel's extra span)."""
+    out = []
+    for wshape, s, p, hw, out_size in geometries:
+        c_out, _, kh, kw = wshape
+        for g in groups:
+            if g == "depthwise":
+                g, wshape_g = c_out, (c_out, 1, kh, kw)
+            elif c_out % g:
+                continue
+            else:
+                wshape_g = wshape
+            for d in dilations:
+                grown = None if out_size is None else (out_size[0] + (d - 1) * (kh - 1), out_size[1] + (d - 1) * (kw - 1))
+                out.append((wshape_g, s, p, hw, grown, g, d))
+    return out
+
+
+def geometry_id(g) -> str:
+    return f"w{'x'.join(map(str, g[0]))}-s{g[1]}p{g[2]}g{g[5]}d{g[6]}"
+
+
+def output_padding(hw, wshape, s, p, d, out_size):
+    """By hand from F.conv_transpose2d's size formula, (h - 1) * s - 2p + d (k - 1) + 1 + op."""
+    if out_size is None:
+        return (0, 0)
+    s, p = zfkernels.ops.pair(s, "t", "s"), zfkernels.ops.pair(p, "t", "p")
+    return tuple(out_size[a] - ((hw[a] - 1) * s[a] - 2 * p[a] + d * (wshape[2 + a] - 1) + 1) for a in range(2))
+
+
 def make(device, wshape, hw, rows=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(wshape, generator=gen).to(device)
@@ -38,59 +70,91 @@ def make(device, wshape, hw, rows=10, seed=0):
     return weight, x, channels
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"w{'x'.join(map(str, g[0]))}-s{g[1]}p{g[2]}")
+def one_hot_dense(x, channels, c_out):
+    """The (B, C_out, h, w) map that holds row b's selected map at channel channels[b], zero elsewhere."""
+    dense = torch.zeros((x.shape[0], c_out) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+    dense[torch.arange(x.shape[0], device=x.device), channels] = x[:, 0]
+    return dense
+
+
+@pytest.mark.parametrize("geometry", with_groups_and_dilations(GEOMETRIES), ids=geometry_id)
 def test_channels_matches_grouped_conv_transpose(device, geometry):
-    wshape, s, p, hw, out_size = geometry
+    wshape, s, p, hw, out_size, groups, d = geometry
     weight, x, channels = make(device, wshape, hw)
     channels[3] = channels[0]  # repeats
-    got = zfkernels.project(x, weight, s, p, out_size, channels=channels)
-    want = reference.project(x, weight, s, p, out_size, channels=channels)
-    assert got.shape == want.shape and got.dtype == x.dtype
+    got = zfkernels.project(x, weight, s, p, out_size, groups=groups, dilation=d, channels=channels)
+    want = reference.project(x, weight, s, p, out_size, groups=groups, dilation=d, channels=channels)
+    assert got.shape == want.shape and got.dtype == x.dtype and got.shape[1] == wshape[1] * groups
     if out_size is not None:
         assert tuple(got.shape[-2:]) == tuple(out_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # Independent check of the reference path: one plain conv_transpose2d per row.
-    for b in (0, 5):
-        out_pad = zfkernels.ops.output_padding_for("t", hw, wshape[2:], zfkernels.ops.pair(s, "t", "s"), zfkernels.ops.pair(p, "t", "p"), out_size)
-        one = F.conv_transpose2d(x[b : b + 1], weight[channels[b] : channels[b] + 1], None, s, p, out_pad)
-        torch.testing.assert_close(got[b : b + 1], one, rtol=1e-5, atol=1e-5)
+    # Independent check: the dense projection of a one-hot map, straight through PyTorch.
+    dense = F.conv_transpose2d(one_hot_dense(x, channels, wshape[0]), weight, None, s, p,
+                               output_padding(hw, wshape, s, p, d, out_size), groups, d)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"w{'x'.join(map(str, g[0]))}-s{g[1]}p{g[2]}")
+@pytest.mark.parametrize("geometry", with_groups_and_dilations(GEOMETRIES), ids=geometry_id)
 def test_dense_matches_conv_transpose(device, geometry):
-    wshape, s, p, hw, out_size = geometry
+    wshape, s, p, hw, out_size, groups, d = geometry
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(wshape, generator=gen).to(device)
     x = torch.randn((3, wshape[0]) + hw, generator=gen).to(device)
-    got = zfkernels.project(x, weight, s, p, out_size)
+    got = zfkernels.project(x, weight, s, p, out_size, groups=groups, dilation=d)
     if out_size is not None:
         assert tuple(got.shape[-2:]) == tuple(out_size)
-    torch.testing.assert_close(got, reference.project(x, weight, s, p, out_size), rtol=1e-5, atol=1e-5)
+    want = F.conv_transpose2d(x, weight, None, s, p, output_padding(hw, wshape, s, p, d, out_size), groups, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference.project(x, weight, s, p, out_size, groups=groups, dilation=d),
+                               rtol=1e-5, atol=1e-5)
 
 
-def test_channels_equals_dense_on_a_one_hot_map(device):
-    """Projecting one feature map alone equals the dense projection with every other map zero."""
-    weight, x, channels = make(device, (12, 20, 3, 3), (6, 6), rows=4)
-    dense_in = torch.zeros(4, 12, 6, 6, device=device)
-    dense_in[torch.arange(4, device=device), channels] = x[:, 0]
-    torch.testing.assert_close(
-        zfkernels.project(x, weight, 1, 1, channels=channels), zfkernels.project(dense_in, weight, 1, 1), rtol=1e-5, atol=1e-5
-    )
+@pytest.mark.parametrize("wshape,groups", [((12, 20, 3, 3), 1), ((12, 10, 3, 3), 2), ((12, 16, 3, 3), 4),
+                                           ((12, 1, 3, 3), 12)])
+def test_channels_equals_dense_on_a_one_hot_map(device, wshape, groups):
+    """Projecting one feature map alone equals the dense projection with every other map zero;
+    outside the selected filter's group the projection is exactly zero."""
+    weight, x, channels = make(device, wshape, (6, 6), rows=4)
+    got = zfkernels.project(x, weight, 1, 1, groups=groups, channels=channels)
+    torch.testing.assert_close(got, zfkernels.project(one_hot_dense(x, channels, wshape[0]), weight, 1, 1, groups=groups),
+                               rtol=1e-5, atol=1e-5)
+    per_group = wshape[1]
+    for b, c in enumerate(channels.tolist()):
+        group = c // (wshape[0] // groups)
+        outside = torch.ones(got.shape[1], dtype=torch.bool)
+        outside[group * per_group : (group + 1) * per_group] = False
+        assert (got[b, outside.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize("groups,dilation", [(1, 1), (2, 2), ("depthwise", 1)])
+def test_unbatched_input_gives_unbatched_output(device, groups, dilation):
+    weight = torch.randn(8, 3, 3, 3, device=device) if groups != "depthwise" else torch.randn(8, 1, 3, 3, device=device)
+    groups = 8 if groups == "depthwise" else groups
+    x = torch.randn(8, 5, 6, device=device)
+    got = zfkernels.project(x, weight, 2, 1, (10 + 2 * (dilation - 1), 12 + 2 * (dilation - 1)), groups=groups,
+                            dilation=dilation)
+    want = F.conv_transpose2d(x, weight, None, 2, 1, (1, 1), groups, dilation)
+    assert got.dim() == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-@pytest.mark.parametrize("wshape,s,p", [((8, 20, 3, 3), 1, 1), ((6, 3, 7, 7), 2, 1), ((6, 24, 5, 5), 2, 0)])
-def test_dtypes_and_layouts(device, dtype, layout_name, wshape, s, p):
+@pytest.mark.parametrize("wshape,s,p,groups,d", [((8, 20, 3, 3), 1, 1, 1, 1), ((6, 3, 7, 7), 2, 1, 1, 1),
+                                                 ((6, 24, 5, 5), 2, 0, 1, 1), ((8, 16, 3, 3), 2, 1, 2, 2),
+                                                 ((6, 1, 3, 3), 2, 1, 6, 1), ((6, 2, 3, 3), 1, 2, 3, 3)])
+def test_dtypes_and_layouts(device, dtype, layout_name, wshape, s, p, groups, d):
     weight, x, channels = make(device, wshape, (7, 8), rows=5, seed=2)
     weight, x = LAYOUTS[layout_name](weight.to(dtype)), LAYOUTS[layout_name](x.to(dtype))
-    got = zfkernels.project(x, weight, s, p, channels=channels)
+    got = zfkernels.project(x, weight, s, p, groups=groups, dilation=d, channels=channels)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, reference.project(x, weight, s, p, channels=channels), **tolerance(dtype))
+    torch.testing.assert_close(got, reference.project(x, weight, s, p, groups=groups, dilation=d, channels=channels),
+                               **tolerance(dtype))
     dense = torch.randn((2, wshape[0], 7, 8), generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    got = zfkernels.project(LAYOUTS[layout_name](dense), weight, s, p)
+    got = zfkernels.project(LAYOUTS[layout_name](dense), weight, s, p, groups=groups, dilation=d)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, reference.project(dense, weight.contiguous(), s, p), **tolerance(dtype))
+    torch.testing.assert_close(got, reference.project(dense, weight.contiguous(), s, p, groups=groups, dilation=d),
+                               **tolerance(dtype))
 
 
 def test_non_finite_weights_propagate_like_the_reference(device):
@@ -194,10 +258,64 @@ def test_rejects_unreachable_output_size(device):
         zfkernels.project(x, w, 2, 1, output_size=(20, 20))
 
 
-def test_rejects_output_padding_not_below_stride(device):
+def test_rejects_output_padding_not_below_stride_or_dilation(device):
     x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
-    with pytest.raises(ValueError, match=r"project: output_padding must be"):
+    with pytest.raises(ValueError, match=r"project: output_padding must be .* smaller than stride or dilation"):
         torch.ops.zfkernels.project(x, w, [2, 2], [1, 1], [2, 0], None)
+    # below the dilation is fine, as in F.conv_transpose2d
+    got = torch.ops.zfkernels.project(x, w, [2, 2], [1, 1], [2, 0], None, 1, [3, 3])
+    torch.testing.assert_close(got, F.conv_transpose2d(x, w, None, 2, 1, (2, 0), 1, 3))
+
+
+@pytest.mark.parametrize("dilation", [0, -1, (2, 0)])
+def test_rejects_non_positive_dilation(device, dilation):
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
+    with pytest.raises(ValueError, match=r"project: dilation must be positive"):
+        zfkernels.project(x, w, dilation=dilation)
+
+
+@pytest.mark.parametrize("groups", [3, 16])
+def test_rejects_groups_that_do_not_divide_the_filters(device, groups):
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
+    with pytest.raises(ValueError, match=rf"project: groups = {groups} does not divide weight's C_out = 8"):
+        zfkernels.project(x, w, groups=groups)
+    with pytest.raises(ValueError, match=rf"project: groups = {groups} does not divide"):
+        zfkernels.project(x[:, :1], w, groups=groups, channels=torch.tensor([0], device=device))
+
+
+@pytest.mark.parametrize("groups", [0, -2])
+def test_rejects_non_positive_groups(device, groups):
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device)
+    with pytest.raises(ValueError, match=r"project: groups must be positive"):
+        zfkernels.project(x, w, groups=groups)
+
+
+@pytest.mark.parametrize("wshape", [(0, 5, 3, 3), (8, 0, 3, 3)])
+def test_rejects_an_empty_weight(device, wshape):
+    x = torch.randn(1, wshape[0], 6, 6, device=device)
+    with pytest.raises(ValueError, match=r"project: weight of shape \[.*\] is empty"):
+        zfkernels.project(x, torch.randn(wshape, device=device))
+
+
+def test_rejects_channels_with_unbatched_x(device):
+    with pytest.raises(ValueError, match=r"project: with channels=, x must be 4-D"):
+        zfkernels.project(torch.randn(1, 6, 6, device=device), torch.randn(8, 5, 3, 3, device=device),
+                          channels=torch.tensor([0], device=device))
+
+
+def test_rejects_outputs_beyond_32_bit_coordinates(device):
+    """A stride of 2^29 + 1 over 3 rows would give 2^30 + 3 output rows: past what the kernels'
+    32-bit coordinates hold, so refused before anything is allocated."""
+    x, w = torch.randn(1, 1, 3, 1, device=device), torch.randn(2, 1, 1, 1, device=device)
+    for channels in (None, torch.tensor([1], device=device)):
+        with pytest.raises(ValueError, match=r"project: output size would be 1073741827x1 .*limit 2\^30"):
+            zfkernels.project(x if channels is not None else x.expand(1, 2, 3, 1), w, (2**29 + 1, 1), channels=channels)
+
+
+def test_rejects_a_dilated_span_beyond_32_bit_coordinates(device):
+    x, w = torch.randn(1, 1, 3, 3, device=device), torch.randn(2, 1, 3, 3, device=device)
+    with pytest.raises(ValueError, match=r"project: the dilated kernel's span is 1073741825, too large"):
+        zfkernels.project(x, w, dilation=2**29, channels=torch.tensor([1], device=device))
 
 
 @pytest.mark.cuda

@@ -9,38 +9,50 @@ import torch.nn.functional as F
 import zfkernels
 from zfkernels import reference
 
-from conftest import LAYOUTS, POOL_GEOMETRIES, geometry_id, hostile
+from conftest import LAYOUTS, POOL_GEOMETRIES, hostile
+from _dilation import dilated_id, with_dilations
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-@pytest.mark.parametrize("geometry", [((11, 13), 3, 2, 1, True), ((9, 9), (3, 2), (1, 3), (1, 1), False), ((6, 7), 2, 2, 0, True)])
+@pytest.mark.parametrize(
+    "geometry",
+    with_dilations([((11, 13), 3, 2, 1, True), ((9, 9), (3, 2), (1, 3), (1, 1), False), ((6, 7), 2, 2, 0, True)]),
+    ids=dilated_id,
+)
 def test_equals_return_indices(device, layout_name, geometry):
-    size, k, s, p, ceil = geometry
+    size, k, s, p, ceil, d = geometry
     x = torch.randn((2, 4) + size, device=device)
-    _, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
-    _, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
-    got = zfkernels.switches_to_indices(LAYOUTS[layout_name](switches), size, k, s, p)
+    _, switches = zfkernels.maxpool_switches(x, k, s, p, d, ceil)
+    _, indices = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil, return_indices=True)
+    got = zfkernels.switches_to_indices(LAYOUTS[layout_name](switches), size, k, s, p, d)
     assert got.dtype == torch.int64
     assert torch.equal(got, indices)
-    assert torch.equal(reference.switches_to_indices(switches, size, k, s, p), indices)
+    assert torch.equal(reference.switches_to_indices(switches, size, k, s, p, d), indices)
+
+
+def test_unbatched_switches_give_unbatched_indices(device):
+    x = torch.randn(4, 13, 11, device=device)
+    _, switches = zfkernels.maxpool_switches(x, 3, 2, 1, 2, True)
+    _, indices = F.max_pool2d(x, 3, 2, 1, 2, ceil_mode=True, return_indices=True)
+    assert torch.equal(zfkernels.switches_to_indices(switches, (13, 11), 3, 2, 1, 2), indices)
 
 
 def test_round_trip_from_pytorch_indices(device):
     """Indices from PyTorch -> switches (reference) -> indices (kernel): the identity."""
     x = torch.randn(3, 2, 20, 17, device=device)
     _, indices = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
-    _, switches = reference.maxpool_switches(x, 3, 2, 1, True)
+    _, switches = reference.maxpool_switches(x, 3, 2, 1, ceil_mode=True)
     assert torch.equal(zfkernels.switches_to_indices(switches, (20, 17), 3, 2, 1), indices)
 
 
-@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("geometry", with_dilations(POOL_GEOMETRIES), ids=dilated_id)
 def test_round_trip_over_every_geometry(device, geometry):
     """PyTorch's indices of a tie-heavy map -> switches (reference arithmetic) -> indices (kernel)."""
-    size, k, s, p, ceil = geometry
+    size, k, s, p, ceil, d = geometry
     x = hostile((2, 3) + size, "ties", torch.Generator().manual_seed(1)).to(device)
-    _, indices = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
-    _, switches = reference.maxpool_switches(x, k, s, p, ceil)
-    assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p), indices)
+    _, indices = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil, return_indices=True)
+    _, switches = reference.maxpool_switches(x, k, s, p, d, ceil)
+    assert torch.equal(zfkernels.switches_to_indices(switches, size, k, s, p, d), indices)
 
 
 @pytest.mark.parametrize("geometry", [((9, 11), (3, 2), (2, 1), (0, 0)), ((13, 13), 5, 3, 0), ((7, 8), 7, 1, 0)])
@@ -112,6 +124,29 @@ def test_rejects_windows_above_256_elements(device):
     switches = torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device=device)
     with pytest.raises(ValueError, match=r"switches_to_indices: kernel_size .* 289 elements"):
         zfkernels.switches_to_indices(switches, (34, 34), 17)
+
+
+@pytest.mark.parametrize("dilation", [0, (2, -1)])
+def test_rejects_non_positive_dilation(device, dilation):
+    switches = torch.zeros(1, 1, 5, 5, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: dilation must be positive"):
+        zfkernels.switches_to_indices(switches, (11, 11), 3, 2, 0, dilation)
+
+
+def test_rejects_dilated_window_larger_than_the_padded_input(device):
+    switches = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"switches_to_indices: kernel_size \[3, 3\] with dilation \[5, 5\] spans 11x11"):
+        zfkernels.switches_to_indices(switches, (10, 10), 3, 1, 0, 5)
+
+
+def test_rejects_switches_between_dilated_taps_outside_the_map(device):
+    """Dilation 3, stride 2, ceil_mode: the last window (origin 2) has taps at pixels 2, 5 and 8
+    of an 8-pixel row; tap 2 is past the end."""
+    switches = torch.zeros(1, 1, 1, 2, dtype=torch.uint8, device=device)
+    assert zfkernels.switches_to_indices(switches + 1, (1, 8), (1, 3), (1, 2), 0, (1, 3)).flatten().tolist() == [3, 5]
+    switches[0, 0, 0, 1] = 2
+    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 1 value"):
+        zfkernels.switches_to_indices(switches, (1, 8), (1, 3), (1, 2), 0, (1, 3))
 
 
 def test_rejects_wrong_rank(device):

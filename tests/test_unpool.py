@@ -12,57 +12,70 @@ import torch.nn.functional as F
 import zfkernels
 from zfkernels import reference
 
-from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, SMALL_GEOMETRIES, geometry_id, hostile, tolerance
+from conftest import DTYPES, LAYOUTS, POOL_GEOMETRIES, SMALL_GEOMETRIES, hostile, tolerance
+from _dilation import dilated_id, with_dilations
 
 
-def pooled(device, size, k, s, p, ceil, batch=2, channels=3, kind="normal", seed=0):
+def pooled(device, size, k, s, p, ceil, d=1, batch=2, channels=3, kind="normal", seed=0):
     """Switches of a pooled ``kind`` map (see conftest.hostile) and a random y of their shape."""
     gen = torch.Generator().manual_seed(seed)
     x = hostile((batch, channels) + size, kind, gen).to(device)
-    out, switches = zfkernels.maxpool_switches(x, k, s, p, ceil)
+    out, switches = zfkernels.maxpool_switches(x, k, s, p, d, ceil)
     y = torch.randn(out.shape, generator=gen).to(device)
     return x, y, switches
 
 
-@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("geometry", with_dilations(POOL_GEOMETRIES), ids=dilated_id)
 @pytest.mark.parametrize("rectify", [False, True])
 @pytest.mark.parametrize("kind", ["normal", "ties", "relu"])
 def test_matches_reference(device, geometry, rectify, kind):
-    size, k, s, p, ceil = geometry
-    _, y, switches = pooled(device, size, k, s, p, ceil, kind=kind, seed=zlib.crc32(repr((geometry, kind)).encode()))
-    got = zfkernels.unpool(y, switches, size, k, s, p, rectify=rectify)
-    want = reference.unpool(y, switches, size, k, s, p, rectify=rectify)
+    size, k, s, p, ceil, d = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, d, kind=kind, seed=zlib.crc32(repr((geometry, kind)).encode()))
+    got = zfkernels.unpool(y, switches, size, k, s, p, d, rectify=rectify)
+    want = reference.unpool(y, switches, size, k, s, p, d, rectify=rectify)
     assert got.shape == (y.shape[0], y.shape[1]) + size
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("geometry", with_dilations(POOL_GEOMETRIES), ids=dilated_id)
+def test_equals_aten_max_pool2d_backward(device, geometry):
+    """The adjoint is PyTorch's own max-pooling backward, given PyTorch's indices of the same map."""
+    size, k, s, p, ceil, d = geometry
+    x, y, switches = pooled(device, size, k, s, p, ceil, d, kind="ties", seed=6)
+    y = y.double()
+    _, indices = F.max_pool2d(x.double(), k, s, p, d, ceil_mode=ceil, return_indices=True)
+    kernel, stride, pad, dil = zfkernels.ops.geometry("test", k, s, p, d)
+    want = torch.ops.aten.max_pool2d_with_indices_backward(y, x.double(), kernel, stride, pad, dil, ceil, indices)
+    torch.testing.assert_close(zfkernels.unpool(y, switches, size, k, s, p, d), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", with_dilations(POOL_GEOMETRIES), ids=dilated_id)
 def test_is_the_adjoint_of_pooling(device, geometry):
     """<gather(x at the switches), y> == <x, unpool(y)> for any x and y, in float64."""
-    size, k, s, p, ceil = geometry
-    _, y, switches = pooled(device, size, k, s, p, ceil, kind="ties", seed=3)
+    size, k, s, p, ceil, d = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, d, kind="ties", seed=3)
     x = torch.randn((y.shape[0], y.shape[1]) + size, dtype=torch.float64, device=device)
     y = y.double()
-    indices = zfkernels.switches_to_indices(switches, size, k, s, p)
+    indices = zfkernels.switches_to_indices(switches, size, k, s, p, d)
     gathered = torch.gather(x.flatten(2), 2, indices.flatten(2)).view_as(y)
     lhs = (gathered * y).sum()
-    rhs = (x * zfkernels.unpool(y, switches, size, k, s, p)).sum()
+    rhs = (x * zfkernels.unpool(y, switches, size, k, s, p, d)).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("geometry", SMALL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("geometry", with_dilations(SMALL_GEOMETRIES, (1, 2)), ids=dilated_id)
 def test_is_the_adjoint_of_pooling_in_float32_with_rows(device, geometry):
     """The same identity for float32 unpooling through rows=: the inner products in float64,
     row b pairing y[b] with image rows[b]'s switches."""
-    size, k, s, p, ceil = geometry
-    _, _, switches = pooled(device, size, k, s, p, ceil, batch=3, channels=4, kind="relu", seed=4)
+    size, k, s, p, ceil, d = geometry
+    _, _, switches = pooled(device, size, k, s, p, ceil, d, batch=3, channels=4, kind="relu", seed=4)
     rows = torch.tensor([2, 0, 2, 1, 2], device=device)
     gen = torch.Generator().manual_seed(5)
     y = torch.randn((5,) + tuple(switches.shape[1:]), generator=gen).to(device)
     x = torch.randn((5, 4) + size, generator=gen, dtype=torch.float64).to(device)
-    indices = zfkernels.switches_to_indices(switches, size, k, s, p)[rows]
+    indices = zfkernels.switches_to_indices(switches, size, k, s, p, d)[rows]
     lhs = (torch.gather(x.flatten(2), 2, indices.flatten(2)).view(y.shape) * y.double()).sum()
-    unpooled = zfkernels.unpool(y, switches, size, k, s, p, rows=rows)
+    unpooled = zfkernels.unpool(y, switches, size, k, s, p, d, rows=rows)
     assert unpooled.dtype == torch.float32
     rhs = (x * unpooled.double()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-5)
@@ -106,27 +119,39 @@ def test_rows_accepts_a_strided_index_vector(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("y_layout", list(LAYOUTS))
 @pytest.mark.parametrize("switch_layout", list(LAYOUTS))
-@pytest.mark.parametrize("geometry", [((17, 19), 3, 2, 1, True)] + SMALL_GEOMETRIES, ids=geometry_id)
+@pytest.mark.parametrize("geometry", with_dilations([((17, 19), 3, 2, 1, True)] + SMALL_GEOMETRIES, (1, 2)),
+                         ids=dilated_id)
 def test_dtypes_and_layouts(device, dtype, y_layout, switch_layout, geometry):
     """Values only: the output's own layout may be either."""
-    size, k, s, p, ceil = geometry
-    _, y, switches = pooled(device, size, k, s, p, ceil, batch=2, channels=6, kind="ties", seed=5)
+    size, k, s, p, ceil, d = geometry
+    _, y, switches = pooled(device, size, k, s, p, ceil, d, batch=2, channels=6, kind="ties", seed=5)
     y = LAYOUTS[y_layout](y.to(dtype))
     sw = LAYOUTS[switch_layout](switches)
     for rectify in (False, True):
-        got = zfkernels.unpool(y, sw, size, k, s, p, rectify=rectify)
+        got = zfkernels.unpool(y, sw, size, k, s, p, d, rectify=rectify)
         assert got.dtype == dtype and got.shape == (2, 6) + size
-        want = reference.unpool(y.contiguous(), switches, size, k, s, p, rectify=rectify)
+        want = reference.unpool(y.contiguous(), switches, size, k, s, p, d, rectify=rectify)
         torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
-def test_layouts_give_bitwise_equal_results(device):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_layouts_give_bitwise_equal_results(device, dilation):
     """Every CPU loop order (and the GPU gather) adds the same terms in the same order."""
     size = (31, 29)
-    _, y, switches = pooled(device, size, 3, 2, 0, True, batch=3, channels=8, kind="ties", seed=9)
-    results = [zfkernels.unpool(LAYOUTS[a](y), LAYOUTS[b](switches), size, 3, 2, rectify=True) for a in LAYOUTS for b in LAYOUTS]
+    _, y, switches = pooled(device, size, 3, 2, 0, True, dilation, batch=3, channels=8, kind="ties", seed=9)
+    results = [zfkernels.unpool(LAYOUTS[a](y), LAYOUTS[b](switches), size, 3, 2, 0, dilation, rectify=True)
+               for a in LAYOUTS for b in LAYOUTS]
     for r in results[1:]:
         assert torch.equal(r.contiguous(), results[0].contiguous())
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_unbatched_input_gives_unbatched_output(device, dilation):
+    _, y, switches = pooled(device, (13, 12), 3, 2, 1, True, dilation, batch=1, channels=4, seed=12)
+    got = zfkernels.unpool(y[0], switches[0], (13, 12), 3, 2, 1, dilation, rectify=True)
+    assert got.shape == (4, 13, 12)
+    assert torch.equal(got, zfkernels.unpool(y, switches, (13, 12), 3, 2, 1, dilation, rectify=True)[0])
+    torch.testing.assert_close(got, reference.unpool(y[0], switches[0], (13, 12), 3, 2, 1, dilation, rectify=True))
 
 
 def test_rectify_keeps_nan_and_zeroes_negatives(device):
@@ -271,3 +296,29 @@ def test_rejects_tensors_on_different_devices():
         zfkernels.unpool(y, switches.cuda(), (11, 11), 3, 2)
     with pytest.raises(ValueError, match=r"unpool: rows is on cuda"):
         zfkernels.unpool(y, switches, (11, 11), 3, 2, rows=torch.tensor([0, 1], device="cuda"))
+
+
+@pytest.mark.parametrize("dilation", [0, -2, (1, 0)])
+def test_rejects_non_positive_dilation(device, dilation):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: dilation must be positive"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, 0, dilation)
+
+
+def test_rejects_dilated_window_larger_than_the_padded_input(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: kernel_size \[3, 3\] with dilation \[6, 6\] spans 13x13"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, 0, 6)
+
+
+def test_rejects_switches_of_another_dilation(device):
+    """Dilation changes the pooled size: switches of 3x3/2 windows do not fit dilation 2."""
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: input_size \[11, 11\] cannot have produced .* dilation \[2, 2\]"):
+        zfkernels.unpool(y, switches, (11, 11), 3, 2, 0, 2)
+
+
+def test_rejects_rows_with_unbatched_y(device):
+    y, switches = valid(device)
+    with pytest.raises(ValueError, match=r"unpool: rows= needs a batched y"):
+        zfkernels.unpool(y[0], switches, (11, 11), 3, 2, rows=torch.tensor([0], device=device))

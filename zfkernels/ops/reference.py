@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .sizes import projected_size
 from .wrappers import IntPair, geometry, output_padding_for, pair
 
 
@@ -32,16 +33,17 @@ def maxpool_switches(
     kernel_size: IntPair,
     stride: Optional[IntPair] = None,
     padding: IntPair = 0,
+    dilation: IntPair = 1,
     ceil_mode: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``F.max_pool2d(return_indices=True)`` with the indices turned into uint8 switches."""
-    kernel, strides, pad = geometry("maxpool_switches", kernel_size, stride, padding)
+    kernel, strides, pad, dil = geometry("maxpool_switches", kernel_size, stride, padding, dilation)
     # Through a contiguous copy: PyTorch's CUDA channels-last kernel reports index 0 (not the
     # window's first pixel) for a window of nothing but -inf, which is no switch at all.
-    out, indices = F.max_pool2d(x.contiguous(), kernel, strides, pad, ceil_mode=ceil_mode, return_indices=True)
+    out, indices = F.max_pool2d(x.contiguous(), kernel, strides, pad, dil, ceil_mode=ceil_mode, return_indices=True)
     width = x.shape[-1]
     row0, col0 = _window_origins((out.shape[-2], out.shape[-1]), strides, pad, x.device)
-    offsets = (indices // width - row0) * kernel[1] + (indices % width - col0)
+    offsets = ((indices // width - row0) // dil[0]) * kernel[1] + (indices % width - col0) // dil[1]
     return out, offsets.to(torch.uint8)
 
 
@@ -51,13 +53,14 @@ def switches_to_indices(
     kernel_size: IntPair,
     stride: Optional[IntPair] = None,
     padding: IntPair = 0,
+    dilation: IntPair = 1,
 ) -> torch.Tensor:
     """Flat ``h * W + w`` indices into the pooled map, as ``return_indices=True`` gives them."""
     _, width = pair(input_size, "switches_to_indices", "input_size")
-    kernel, strides, pad = geometry("switches_to_indices", kernel_size, stride, padding)
+    kernel, strides, pad, dil = geometry("switches_to_indices", kernel_size, stride, padding, dilation)
     row0, col0 = _window_origins((switches.shape[-2], switches.shape[-1]), strides, pad, switches.device)
     offsets = switches.to(torch.int64)
-    return (row0 + offsets // kernel[1]) * width + (col0 + offsets % kernel[1])
+    return (row0 + (offsets // kernel[1]) * dil[0]) * width + (col0 + (offsets % kernel[1]) * dil[1])
 
 
 def unpool(
@@ -67,6 +70,7 @@ def unpool(
     kernel_size: IntPair,
     stride: Optional[IntPair] = None,
     padding: IntPair = 0,
+    dilation: IntPair = 1,
     *,
     rows: Optional[torch.Tensor] = None,
     rectify: bool = False,
@@ -75,14 +79,14 @@ def unpool(
     height, width = pair(input_size, "unpool", "input_size")
     if rows is not None:
         switches = switches[rows]
-    indices = switches_to_indices(switches, (height, width), kernel_size, stride, padding)
-    batch, channels = y.shape[0], y.shape[1]
+    indices = switches_to_indices(switches, (height, width), kernel_size, stride, padding, dilation)
+    planes = y.shape[:-2]  # (B, C), or (C,) unbatched
     acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    out = torch.zeros(batch, channels, height * width, dtype=acc_dtype, device=y.device)
-    out.scatter_add_(2, indices.reshape(batch, channels, -1), y.reshape(batch, channels, -1).to(acc_dtype))
+    out = torch.zeros(*planes, height * width, dtype=acc_dtype, device=y.device)
+    out.scatter_add_(-1, indices.reshape(*planes, -1), y.reshape(*planes, -1).to(acc_dtype))
     if rectify:
         out = torch.relu(out)
-    return out.view(batch, channels, height, width).to(y.dtype)
+    return out.view(*planes, height, width).to(y.dtype)
 
 
 def project(
@@ -92,24 +96,32 @@ def project(
     padding: IntPair = 0,
     output_size: Optional[IntPair] = None,
     *,
+    groups: int = 1,
+    dilation: IntPair = 1,
     channels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.conv_transpose2d`` without bias; with ``channels``, a per-sample weight gather and a
-    grouped transposed convolution (one group per selection)."""
+    grouped transposed convolution (one group per selection): selection ``b``'s weight is its
+    filter ``weight[channels[b]]`` placed on its group's input channels, zero on the others."""
     strides = pair(stride, "project", "stride")
     pad = pair(padding, "project", "padding")
+    dil = pair(dilation, "project", "dilation")
     kernel = (weight.shape[2], weight.shape[3])
-    out_pad = output_padding_for("project", (x.shape[2], x.shape[3]), kernel, strides, pad, output_size)
+    out_pad = output_padding_for("project", (x.shape[-2], x.shape[-1]), kernel, strides, pad, output_size, dil)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs, ws = x.to(acc_dtype), weight.to(acc_dtype)
     if channels is None:
-        out = F.conv_transpose2d(xs, ws, None, strides, pad, out_pad)
+        out = F.conv_transpose2d(xs, ws, None, strides, pad, out_pad, groups, dil)
         return out.to(x.dtype)
-    batch = x.shape[0]
-    out_h = (x.shape[2] - 1) * strides[0] - 2 * pad[0] + kernel[0] + out_pad[0]
-    out_w = (x.shape[3] - 1) * strides[1] - 2 * pad[1] + kernel[1] + out_pad[1]
+    batch, c_in = x.shape[0], weight.shape[1] * groups
+    out_h, out_w = (projected_size(x.shape[2 + a], kernel[a], strides[a], pad[a], dil[a], out_pad[a]) for a in range(2))
     if batch == 0:
-        return x.new_zeros((0, weight.shape[1], out_h, out_w))
-    per_sample = ws[channels]  # (B, C_in, kH, kW): group b maps 1 channel to C_in channels
-    out = F.conv_transpose2d(xs.reshape(1, batch, x.shape[2], x.shape[3]), per_sample, None, strides, pad, out_pad, groups=batch)
-    return out.view(batch, weight.shape[1], out_h, out_w).to(x.dtype)
+        return x.new_zeros((0, c_in, out_h, out_w))
+    # (B, groups, C_in / groups, kH, kW): each selection's filter in its group's slot.
+    per_sample = ws.new_zeros((batch, groups) + tuple(weight.shape[1:]))
+    per_sample[torch.arange(batch, device=x.device), channels // (weight.shape[0] // groups)] = ws[channels]
+    out = F.conv_transpose2d(
+        xs.reshape(1, batch, x.shape[2], x.shape[3]), per_sample.view(batch, c_in, *kernel), None, strides, pad, out_pad,
+        groups=batch, dilation=dil,
+    )
+    return out.view(batch, c_in, out_h, out_w).to(x.dtype)
