@@ -11,12 +11,22 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The knobs every quick run uses: tiny images (72 px, 64-px crops, see _train_data.SIZE) and a
 # quarter-width ZFNet, so that an epoch takes seconds on a shared CPU.
 QUICK = ["--resize", "72", "--crop", "64", "--width", "0.25", "--device", "cpu"]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process work on one thread (2 cores are shared; it is also what the subprocesses use)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def env() -> Dict[str, str]:

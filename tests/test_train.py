@@ -18,22 +18,13 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, popen, zfk
+from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, one_thread, popen, zfk  # noqa: F401 (a fixture)
 from _train_data import SIZE, disc_folder
 from zfkernels import models
 from zfkernels.cli import main
 from zfkernels.train import ABLATIONS, AblatedZFNet, TrainConfig, Training, build_network, renormalise_filters
 from zfkernels.train import data as train_data
 from zfkernels.train.recipe import Recipe, conv_weights, initialise
-
-
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread (2 cores are shared; also what the subprocesses use)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

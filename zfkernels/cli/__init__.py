@@ -13,11 +13,11 @@ import sys
 from typing import List, Optional
 
 from ..errors import UsageError
-from . import correspondence, evolution, filters, invariance, occlusion, train, visualize
+from . import correspondence, evolution, filters, invariance, occlusion, probe, train, visualize
 from .common import CommandParser
 
 # In the order `zfk --help` lists them.
-COMMANDS = (visualize, occlusion, correspondence, invariance, evolution, filters, train)
+COMMANDS = (visualize, occlusion, correspondence, invariance, evolution, filters, train, probe)
 
 DESCRIPTION = """\
 zfkernels: Zeiler & Fergus's deconvnet ("Visualizing and Understanding Convolutional Networks",
@@ -31,6 +31,7 @@ zfkernels: Zeiler & Fergus's deconvnet ("Visualizing and Understanding Convoluti
   zfk evolution     Figure 4: the strongest activation of chosen features across checkpoints
   zfk filters       Figure 6: layer-1 filters (and a second model beside them)
   zfk train         Section 3: train ZFNet with the paper's recipe, or a Table 3 ablation
+  zfk probe         Tables 4-6: linear probes of each layer's features (scikit-learn)
 
 `zfk COMMAND --help` explains each command's options.
 """

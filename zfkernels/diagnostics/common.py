@@ -41,6 +41,7 @@ PAGES = {
     "invariance": "Invariance to translation, scale and rotation (Section 4, Figure 5)",
     "evolution": "Feature evolution during training (Figure 4)",
     "filters": "Layer-1 filters and layer-2 projections (Section 4.1, Figure 6)",
+    "probe": "Linear probes of each layer (Section 5, Tables 4-6)",
 }
 
 
