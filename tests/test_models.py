@@ -3,6 +3,8 @@ state dicts and give torchvision's logits; weights files are checked key by key.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,6 +108,36 @@ def test_folders_and_garbage_are_named_as_such(tmp_path):
     garbage.write_bytes(b"these are not weights")
     with pytest.raises(ValueError, match=r"cannot load weights from .*garbage.pth: not a PyTorch weights file"):
         models.zfnet(weights=garbage)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+@pytest.mark.parametrize("keep", [0.5, 100], ids=["half", "100-bytes"])
+def test_a_truncated_file_is_called_truncated(tmp_path, legacy, keep):
+    # What an interrupted download or save leaves: the start of a real torch.save file.
+    whole = tmp_path / "whole.pth"
+    torch.save(models.zfnet(seed=0).state_dict(), whole, _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(ValueError, match=r"cannot load weights from .*cut.pth: the file is truncated or corrupt") as error:
+        models.zfnet(weights=cut)
+    assert "not a PyTorch weights file" not in str(error.value)
+
+
+def test_an_empty_file_is_called_empty(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot load weights from .*empty.pth: the file is empty"):
+        models.zfnet(weights=empty)
+
+
+def test_a_named_pipe_is_refused_without_being_opened(tmp_path):
+    # Opening a FIFO for reading waits for a writer: the check must come from its status alone
+    # (this test would hang, not fail, if the file were opened).
+    pipe = tmp_path / "weights.pth"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=r"zfnet: weights .*weights.pth is not a regular file \(a named pipe"):
+        models.zfnet(weights=pipe)
 
 
 def test_missing_files_and_torchvision_cache(tmp_path, monkeypatch):

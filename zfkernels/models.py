@@ -148,10 +148,19 @@ def _load_failure(path: Path, error: Exception) -> str:
     objects that ``weights_only=True`` refuses (torch's message runs over many lines)."""
     with open(path, "rb") as handle:
         head = handle.read(4)
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+    if not head:
+        return "the file is empty"
+    is_zip = zipfile.is_zipfile(path)
+    if head.startswith(b"PK\x03\x04") and not is_zip:
+        # A zip archive keeps its directory at its end: one that starts as a zip but has no
+        # directory was cut short (an interrupted download or save), not some other format.
+        return "the file is truncated or corrupt (a zip archive without its end)"
+    if not is_zip and not head.startswith(b"\x80"):
         return "not a PyTorch weights file (torch.save writes a zip archive)"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(error).__name__)
+    if isinstance(error, EOFError) or "unexpected EOF" in str(error) or "corrupt" in str(error).lower():
+        return f"the file is truncated or corrupt ({detail})"
     if "weights_only" in str(error) or "Unsupported global" in str(error):
         return f"it holds more than tensors, which weights_only=True refuses ({detail})"
     return f"{type(error).__name__}: {detail}"
@@ -174,8 +183,11 @@ def load_weights(model: nn.Module, weights: Union[str, Path], arch: str) -> nn.M
         path = Path(weights)
         if path.is_dir():
             raise ValueError(f"{arch}: weights {path} is a folder, not a weights file (.pth/.pt)")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{arch}: weights file {path} does not exist")
+        if not path.is_file():  # a named pipe or a device: never opened, reading one can wait forever
+            raise ValueError(f"{arch}: weights {path} is not a regular file (a named pipe or a device?); "
+                             "pass a .pth/.pt file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused or a corrupt file: say which file, and why

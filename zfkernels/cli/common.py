@@ -71,8 +71,9 @@ positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
 
 
-def _shown(text: str, limit: int = 40) -> str:
-    """``text`` for a message, cut short: a 5,000-digit number must not become a 5,000-character line."""
+def quoted(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a message, cut short: a 5,000-digit number must not become a
+    5,000-character line."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
@@ -84,9 +85,9 @@ def int_in_range(low: int, high: int, why: str) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:  # also a number past Python's 4,300-digit conversion limit
-            raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {quoted(text)}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high} ({why}), got {_shown(text)}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high} ({why}), got {quoted(text)}")
         return value
 
     parse.__name__ = "int"

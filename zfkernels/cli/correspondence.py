@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.correspondence import CorrespondenceResult, correspondence, read_parts
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job.console import say
-from .common import (add_model_options, finish_parser, load_model, model_description, model_header, non_negative_int,
-                     prepare_out, resolve_device, warn_untrained)
+from .common import (add_model_options, finish_parser, int_in_range, load_model, model_description, model_header,
+                     prepare_out, resolve_device, seed_int, warn_untrained)
+
+# Each part and each random trial keeps the sign of every feature of every image (a byte each)
+# until the table is made: the trials are bounded, and so is their memory with the images and
+# layers asked for.
+MAX_TRIALS = 1000
+TRIALS = int_in_range(0, MAX_TRIALS, "random occlusions, each holding every image's feature signs")
+SIGN_BYTES = 2 * 2**30
 
 DESCRIPTION = """\
 Correspondence analysis (the paper's Section 4.3, Table 7). For each part in --parts (a box per
@@ -44,10 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", metavar="LIST",
                         help="comma-separated layers: conv layers (conv5, conv5_3 …) or fc6/fc7 "
                              "(default: the paper's layers 5 and 7: the last conv layer and fc7)")
-    parser.add_argument("--trials", type=non_negative_int, default=10, metavar="N",
-                        help="random occlusions to compare with (default: 10; 0: none)")
-    parser.add_argument("--trial-seed", type=int, default=0, metavar="SEED",
-                        help="seed of the random occlusions (default: 0)")
+    parser.add_argument("--trials", type=TRIALS, default=10, metavar="N",
+                        help=f"random occlusions to compare with, at most {MAX_TRIALS} (default: 10; 0: none)")
+    parser.add_argument("--trial-seed", type=seed_int, default=0, metavar="SEED",
+                        help="seed of the random occlusions, 0 <= seed < 2^64 (default: 0)")
     parser.add_argument("--fill", default="mean", help="occluder colour: mean (default), grey or a grey level 0-255")
     finish_parser(parser, run)
 
@@ -60,6 +68,18 @@ def _image_sizes(files: Sequence[Path]) -> List[Tuple[int, int]]:
         with Image.open(path) as image:
             sizes.append(image.size)
     return sizes
+
+
+def check_sign_memory(extractor: diagnostics_common.FeatureExtractor, sample: torch.Tensor, layers: Sequence[str],
+                      images: int, groups: int) -> None:
+    """Refuse, naming --trials, a table whose sign patterns ``(groups, images, features)`` would
+    take more than :data:`SIGN_BYTES`; the features per layer come from one forward of ``sample``."""
+    features = sum(t[0].numel() for t in extractor(sample, layers).values())
+    needed = groups * images * features
+    if needed > SIGN_BYTES:
+        raise UsageError(f"--trials: {groups} occlusions (parts and trials) of {images} images at {', '.join(layers)} "
+                         f"({features} features each) need {needed / 2**30:.1f} GiB of sign patterns; at most "
+                         f"{SIGN_BYTES // 2**30} GiB ({SIGN_BYTES // (images * features)} occlusions) fit")
 
 
 def render(path: Path, result: CorrespondenceResult) -> None:
@@ -96,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [name for name in layers if name not in usable]
     if not layers or bad:
         raise UsageError(f"--layers: unknown layer {bad[0] if bad else args.layers!r}; choose from {', '.join(usable)}")
+    check_sign_memory(extractor, data_mod.normalize(crops[:1]).to(device), layers, len(files), len(parts) + args.trials)
     out = prepare_out(Path(args.out))
     folder = diagnostics_common.subfolder(out, "correspondence")
     say(f"correspondence: {len(parts)} part(s) and {args.trials} random trial(s) over {len(files)} images", args.quiet)

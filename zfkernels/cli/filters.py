@@ -11,7 +11,12 @@ from ..diagnostics.filters import ModelSpec, filter_grid, first_conv, layer2_she
 from ..errors import UsageError
 from ..job.console import say
 from ..models import untrained_warning
-from .common import add_model_options, finish_parser, load_model, positive_int, prepare_out, resolve_device
+from .common import add_model_options, finish_parser, int_in_range, load_model, positive_int, prepare_out, resolve_device
+
+# Pass 1 keeps the top K of every layer-2 map on the device and the page shows K tiles a map: a
+# figure's worth, not a whole dataset's.
+MAX_TOP = 100
+TOP = int_in_range(1, MAX_TOP, "projections a feature map's sheet shows")
 
 DESCRIPTION = """\
 Filter comparison (the paper's Section 4.1, Figure 6). Renders the layer-1 filters of --arch
@@ -35,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images of --data")
     parser.add_argument("--features", default="0-15", metavar="LIST",
                         help="layer-2 feature maps to show: numbers and ranges (default: 0-15)")
-    parser.add_argument("--top", type=positive_int, default=9, metavar="K", help="projections per feature map (default: 9)")
+    parser.add_argument("--top", type=TOP, default=9, metavar="K",
+                        help=f"projections per feature map, at most {MAX_TOP} (default: 9)")
     finish_parser(parser, run, batch_size=32)
 
 

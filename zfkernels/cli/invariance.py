@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..job import data as data_mod
 from ..job.console import progress_bar, say
 from .common import (add_label_option, add_model_options, finish_parser, load_model, model_description, model_header,
-                     prepare_out, resolve_device, warn_untrained)
+                     prepare_out, quoted, resolve_device, warn_untrained)
 
 DESCRIPTION = """\
 Invariance (the paper's Section 4, Figure 5). Each image is translated vertically, scaled and
@@ -25,13 +25,36 @@ Writes --out/invariance/: a PNG per transform, invariance.json and index.html.
 """
 
 
-def _values(text: str) -> List[float]:
+# Every transformed copy of an image goes through the network at once and its layer-1 features
+# are kept until the distances are taken: 13 MB a copy for VGG16's conv1_1 (1.3 GB at this bound).
+MAX_VALUES = 100
+# How far a sweep can usefully go on the 224x224 window, and why (the message quotes it).
+LIMITS = {
+    "translate": (-data_mod.CROP, data_mod.CROP, "a longer shift moves all of the 224x224 crop out of the window"),
+    "scale": (1 / data_mod.CROP, data_mod.CROP, "past 224 one pixel fills the window, below 1/224 the crop shrinks under a pixel"),
+    "rotate": (-360, 360, "degrees; past a full turn a smaller turn repeats"),
+}
+
+
+def sweep_values(text: str, transform: str) -> List[float]:
+    """``--values`` for ``transform``: at most :data:`MAX_VALUES` finite numbers inside its
+    :data:`LIMITS` (translations in whole pixels)."""
+    parts = [v for v in text.split(",") if v.strip()]
+    if len(parts) > MAX_VALUES:
+        raise UsageError(f"--values: {len(parts)} values; at most {MAX_VALUES} (every transformed copy's features "
+                         "are held in memory at once)")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in parts]
     except ValueError:
-        raise UsageError(f"--values: {text!r} is not a comma-separated list of numbers") from None
+        raise UsageError(f"--values: {quoted(text)} is not a comma-separated list of numbers") from None
     if not values or not all(math.isfinite(v) for v in values):
-        raise UsageError(f"--values: {text!r} is not a comma-separated list of finite numbers")
+        raise UsageError(f"--values: {quoted(text)} is not a comma-separated list of finite numbers")
+    if transform == "translate" and not all(v.is_integer() for v in values):
+        raise UsageError("--values: translations are whole pixels")
+    low, high, why = LIMITS[transform]
+    outside = next((v for v in values if not low <= v <= high), None)
+    if outside is not None:
+        raise UsageError(f"--values: {outside:g} is outside {low:.4g}..{high:g} for {transform} ({why})")
     return values
 
 
@@ -44,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--transform", nargs="+", choices=TRANSFORMS, default=list(TRANSFORMS),
                         help="which sweeps (default: all three)")
     parser.add_argument("--values", metavar="LIST",
-                        help="comma-separated sweep values for a single --transform (defaults: translate -60..60 "
+                        help="comma-separated sweep values for a single --transform, at most 100: translate whole "
+                             "pixels -224..224, scale 1/224..224, rotate -360..360 degrees (defaults: translate -60..60 "
                              "step 10 pixels, scale 1.0..1.8 step 0.1, rotate 0..350 step 10 degrees); a list that starts with a minus "
                              "needs the = form: --values=-30,0,30")
     add_label_option(parser)
@@ -59,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.values is not None:
         if len(transforms) != 1:
             raise UsageError("--values: give exactly one --transform with it")
-        sweeps[transforms[0]] = _values(args.values)
-        if transforms[0] == "translate" and not all(v.is_integer() for v in sweeps["translate"]):
-            raise UsageError("--values: translations are whole pixels")
-        if transforms[0] == "scale" and min(sweeps["scale"]) <= 0:
-            raise UsageError("--values: scales must be positive")
+        sweeps[transforms[0]] = sweep_values(args.values, transforms[0])
     files = diagnostics_common.check_files_exist(args.images, "IMAGE")
     targets = diagnostics_common.true_classes(files, args.label)
     pictures = []

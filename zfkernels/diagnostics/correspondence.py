@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +34,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..job import data as data_mod
+from ..job.console import check_files_exist
 from ..models import channels_last
 from . import common
 
@@ -198,17 +200,66 @@ def crop_box(box: Sequence[float], size: Tuple[int, int]) -> Tuple[int, int, int
     return x0, y0, x1, y1
 
 
+# parts.json is {"parts": {PART: {IMAGE: [x0, y0, x1, y1]}}}: four levels deep, a box per part and
+# image, numbers of a few digits. Bounds far above that keep a hostile file from exhausting memory,
+# the parser's recursion or Python's integer conversion (which refuses over 4,300 digits).
+MAX_PARTS_BYTES = 2**20
+MAX_PARTS_DEPTH = 16
+MAX_NUMBER_CHARS = 32
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text``; brackets inside strings do
+    not count. Linear and without recursion, so it can run before the parser does."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    codes = np.frombuffer(bare.encode("utf-8"), dtype=np.uint8)  # UTF-8 never hides an ASCII bracket
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _number(kind: type):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ValueError(f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS}): {text[:20]}...")
+        return kind(text)
+
+    return parse
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not a pixel coordinate")
+
+
+def read_parts_json(path: Path, what: str) -> object:
+    """The document in ``path``: a regular file (a named pipe is never opened) of at most
+    :data:`MAX_PARTS_BYTES`, nested at most :data:`MAX_PARTS_DEPTH` deep, with numbers of at most
+    :data:`MAX_NUMBER_CHARS` characters; anything else is a one-line :class:`UsageError`."""
+    check_files_exist([str(path)], "--parts")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_PARTS_BYTES + 1)
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{what}: not a readable JSON file ({error})") from None
+    if len(raw) > MAX_PARTS_BYTES:
+        raise UsageError(f"{what}: larger than {MAX_PARTS_BYTES // 2**20} MiB; a parts file holds a box per part and image")
+    depth = json_depth(text)
+    if depth > MAX_PARTS_DEPTH:
+        raise UsageError(f"{what}: arrays and objects nested {depth} deep (at most {MAX_PARTS_DEPTH}; the format is 4 deep)")
+    try:
+        return json.loads(text, parse_int=_number(int), parse_float=_number(float), parse_constant=_constant)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{what}: not a readable JSON file ({error})") from None
+    except ValueError as error:  # from the number hooks
+        raise UsageError(f"{what}: {error}") from None
+
+
 def read_parts(path: Path, files: Sequence[Path], sizes: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
     """``parts.json`` -> ``{part: (N, 4) int64 boxes in crop pixels}``, one box per image of
     ``files`` (in that order); ``sizes`` are the original ``(width, height)``. Every mistake is
     a :class:`UsageError` naming the part and the image."""
     what = f"--parts {path}"
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{what}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{what}: not a readable JSON file ({error})") from None
+    document = read_parts_json(Path(path), what)
     if not isinstance(document, dict) or not isinstance(document.get("parts"), dict) or not document["parts"]:
         raise UsageError(f"{what}: expected {{\"parts\": {{PART: {{IMAGE: [x0, y0, x1, y1], ...}}, ...}}}}")
     coordinates = document.get("coordinates", "crop")

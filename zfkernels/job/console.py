@@ -3,6 +3,7 @@ stays clean for summaries), and the files they name."""
 
 from __future__ import annotations
 
+import stat
 import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, TextIO
@@ -26,11 +27,22 @@ def say(message: str, quiet: bool = False, *, stream: Optional[TextIO] = None) -
 
 
 def check_files_exist(paths: Iterable[str], what: str) -> List[Path]:
-    """Each path must be an existing file; ``what`` names the option in the error."""
+    """Each path must be an existing regular file; ``what`` names the option in the error. Only
+    the file's status is read: a named pipe is refused without being opened (reading one waits
+    for a writer, forever)."""
     out = []
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise UsageError(f"{what}: {p} does not exist or is not a file")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:  # (also a link to nothing)
+            raise UsageError(f"{what}: {p} does not exist") from None
+        except OSError as error:
+            raise UsageError(f"{what}: {p} cannot be read ({error.strerror or error})") from None
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{what}: {p} is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or a socket"
+            raise UsageError(f"{what}: {p} is {kind}, not a regular file")
         out.append(path)
     return out
