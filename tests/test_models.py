@@ -4,6 +4,7 @@ state dicts and give torchvision's logits; weights files are checked key by key.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,14 @@ def test_build_by_name():
     assert isinstance(models.build("zfnet", seed=0), models.ZFNet)
     with pytest.raises(ValueError, match=r"unknown architecture 'resnet'"):
         models.build("resnet")
+
+
+def test_torchvision_file_names_come_from_each_builders_default_weights():
+    # The zoo's two files as before; every torchvision builder has one; ZFNet none.
+    assert models.TORCHVISION_FILES["alexnet"] == "alexnet-owt-7be5be79.pth"
+    assert models.TORCHVISION_FILES["vgg16"] == "vgg16-397923af.pth"
+    assert models.TORCHVISION_FILES["resnet50"] == "resnet50-11ad3fa6.pth"  # IMAGENET1K_V2, the default
+    assert models.TORCHVISION_FILES["inception_v3"] == "inception_v3_google-0cc3c7bd.pth"
+    assert "zfnet" not in models.TORCHVISION_FILES and "resnet50" in models.TORCHVISION_FILES
+    assert len(models.TORCHVISION_FILES) == len(torchvision.models.list_models(module=torchvision.models))
+    assert models.torchvision_weights_path("resnet50") == Path(torch.hub.get_dir()) / "checkpoints" / "resnet50-11ad3fa6.pth"

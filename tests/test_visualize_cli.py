@@ -419,7 +419,7 @@ def test_help(capsys):
         zfk(["visualize", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--data DIR", "--arch", "zfnet,alexnet,vgg16", "--weights PATH", "--layers", "--top K",
+    for option in ("--data DIR", "--arch ARCH", "zfnet (default), alexnet, vgg16", "--weights PATH", "--layers", "--top K",
                    "--features", "--batch-size", "--workers", "--device", "--out DIR", "--resume", "--limit N",
                    "--quiet", "--checkpoint-every", "--decoder", "--mode", "--seed", "UNTRAINED", "torchrun"):
         assert option in text, option

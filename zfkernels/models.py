@@ -1,18 +1,30 @@
-"""A thin model zoo: ZFNet exactly as the paper's Figure 3, AlexNet and VGG16 in torchvision's
-module layout (so torchvision state dicts load and give torchvision's logits).
+"""The models: a thin zoo and a registry of every network ``--arch`` can name.
 
-Every model has ``.features`` (an ``nn.Sequential`` of ``Conv2d``, ``ReLU``, ``MaxPool2d`` and
-normalisation modules, in forward order), ``.avgpool`` and ``.classifier``, like torchvision.
+The zoo is ZFNet exactly as the paper's Figure 3, AlexNet and VGG16 in torchvision's module
+layout (so torchvision state dicts load and give torchvision's logits). Each zoo model has
+``.features`` (an ``nn.Sequential`` of ``Conv2d``, ``ReLU``, ``MaxPool2d`` and normalisation
+modules, in forward order), ``.avgpool`` and ``.classifier``, like torchvision.
+
+:func:`build` also takes any torchvision classification builder (``resnet50``, ``vgg16_bn``,
+``densenet121`` …, ``torchvision.models.list_models(module=torchvision.models)``) and
+``module.path:callable``, a user's factory returning an ``nn.Module``. Whether the deconvnet
+can run a network is the engine's decision, not the registry's.
+
 Nothing is downloaded: ``weights`` is a local file, or ``"torchvision"`` for torchvision's own
-file already in the local torch hub cache.
+file of the builder's default ImageNet weights, already in the local torch hub cache.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib
+import re
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,8 +32,38 @@ import torchvision
 
 WeightsArg = Optional[Union[str, Path]]
 
-# torchvision's file names for its ImageNet weights (torchvision.models.*_Weights.IMAGENET1K_V1).
-TORCHVISION_FILES = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth"}
+
+
+@functools.lru_cache(maxsize=None)
+def torchvision_classifiers() -> Tuple[str, ...]:
+    """The names of torchvision's classification builders, sorted (``resnet50``, ``vgg16_bn`` …)."""
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def torchvision_default_weights(arch: str) -> "torchvision.models.WeightsEnum":
+    """The builder's default ImageNet weights entry (``ResNet50_Weights.IMAGENET1K_V2`` for
+    ``resnet50``): its file name, categories and evaluation transform."""
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+class _TorchvisionFiles(Mapping):
+    """Builder name -> the file name torchvision saves its default ImageNet weights under in
+    ``torch.hub.get_dir()/checkpoints`` (e.g. ``resnet50-11ad3fa6.pth``), read from the weights
+    entry's URL (nothing is fetched)."""
+
+    def __getitem__(self, arch: str) -> str:
+        if arch not in torchvision_classifiers():
+            raise KeyError(arch)
+        return torchvision_default_weights(arch).url.rsplit("/", 1)[-1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(torchvision_classifiers())
+
+    def __len__(self) -> int:
+        return len(torchvision_classifiers())
+
+
+TORCHVISION_FILES: Mapping[str, str] = _TorchvisionFiles()
 
 
 class ZFNet(nn.Module):
@@ -116,12 +158,212 @@ def vgg16(weights: WeightsArg = None, *, num_classes: int = 1000, seed: Optional
 
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"zfnet": zfnet, "alexnet": alexnet, "vgg16": vgg16}
 
+# module.path:callable, each part a dotted Python identifier.
+FACTORY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")
 
-def build(arch: str, weights: WeightsArg = None, *, seed: Optional[int] = None) -> nn.Module:
-    """``build("zfnet" | "alexnet" | "vgg16", weights)``: the zoo by name."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](weights=weights, seed=seed)
+# What torchvision's builders set when they load their own ImageNet weights, beyond num_classes:
+# these two normalise the input their way and load (then drop) the auxiliary classifiers.
+TORCHVISION_WEIGHTS_OPTIONS: Dict[str, Dict[str, bool]] = {
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+AUXILIARY_CLASSIFIERS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+
+
+class ArchitectureError(ValueError):
+    """An architecture name that gives no network: unknown, or a factory that cannot be
+    imported, called, or returns no ``nn.Module`` (one line)."""
+
+
+def architectures() -> List[str]:
+    """Every architecture name :func:`build` knows: the zoo, then torchvision's classification
+    builders (``module.path:callable`` factories come on top)."""
+    return list(ARCHITECTURES) + [name for name in torchvision_classifiers() if name not in ARCHITECTURES]
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` when :func:`build` can take it (a zoo name, a torchvision classification builder
+    or ``module.path:callable``); otherwise a one-line :class:`ArchitectureError` with the
+    closest names."""
+    if arch in ARCHITECTURES or arch in torchvision_classifiers() or FACTORY.match(arch):
+        return arch
+    close = difflib.get_close_matches(arch.lower(), architectures(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ArchitectureError(f"unknown architecture {arch!r}; {hint}give zfnet, alexnet, vgg16, a torchvision classification "
+                     f"builder (resnet50, vgg16_bn, densenet121 …) or module.path:callable")
+
+
+def is_zoo(arch: str) -> bool:
+    """The zoo's own networks (``.features`` stacks, layer aliases conv1 …)."""
+    return arch in ARCHITECTURES
+
+
+def build(arch: str, weights: WeightsArg = None, *, seed: Optional[int] = None,
+          num_classes: Optional[int] = None) -> nn.Module:
+    """The network ``arch`` names: ``zfnet``/``alexnet``/``vgg16`` (the zoo), any torchvision
+    classification builder (``resnet50`` …, built with ``weights=None``), or
+    ``module.path:callable`` (the module imported, the callable called with no arguments; it
+    must return an ``nn.Module``). Random weights come from ``seed`` when given (the caller's
+    RNG untouched); ``weights`` is a state-dict file, or ``"torchvision"`` for the builder's
+    default ImageNet file in the local hub cache (:func:`load_weights`; never downloaded).
+    ``num_classes`` (zoo and torchvision builders) defaults to 1000. Every mistake is a
+    one-line ``ValueError`` or ``FileNotFoundError``."""
+    check_arch(arch)
+    if is_zoo(arch):
+        return ARCHITECTURES[arch](weights=weights, seed=seed, **({} if num_classes is None else {"num_classes": num_classes}))
+    if arch in torchvision_classifiers():
+        return _torchvision_model(arch, weights, seed, num_classes)
+    if num_classes is not None:
+        raise ValueError(f"{arch}: num_classes is for the zoo and torchvision's builders; a factory decides its own")
+    model = _construct(lambda: _call_factory(arch), seed)
+    if weights is not None:
+        if str(weights) == "torchvision":
+            raise ValueError(f"{arch}: --weights torchvision is for torchvision's builders; give a state-dict file")
+        load_weights(model, weights, arch)
+    return model
+
+
+def _torchvision_model(arch: str, weights: WeightsArg, seed: Optional[int], num_classes: Optional[int]) -> nn.Module:
+    """A torchvision builder's network; with its own weights, configured as the builder does."""
+    own = weights is not None and str(weights) == "torchvision"
+    options: Dict[str, object] = {}
+    if num_classes is not None:
+        if own and num_classes != len(torchvision_default_weights(arch).meta["categories"]):
+            raise ValueError(f"{arch}: torchvision's weights have {len(torchvision_default_weights(arch).meta['categories'])} "
+                             f"classes, not {num_classes}")
+        options["num_classes"] = num_classes
+    if own:
+        options.update(TORCHVISION_WEIGHTS_OPTIONS.get(arch, {}))
+    elif "init_weights" in TORCHVISION_WEIGHTS_OPTIONS.get(arch, {}):
+        options["init_weights"] = True  # torchvision's default, said out loud (it warns when left unset)
+    model = _construct(lambda: torchvision.models.get_model(arch, weights=None, **options), seed)
+    if weights is not None:
+        load_weights(model, weights, arch)
+    if own:  # as the builder does once its weights are in: the auxiliary classifiers go
+        for name in AUXILIARY_CLASSIFIERS.get(arch, ()):
+            setattr(model, name, None)
+        if arch in AUXILIARY_CLASSIFIERS:
+            model.aux_logits = False
+    return model
+
+
+def _call_factory(arch: str) -> nn.Module:
+    """``module.path:callable`` -> the module its callable returns (each failure one line)."""
+    module_name, attribute = FACTORY.match(arch).groups()
+    try:
+        target: object = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or whatever the module raises while importing
+        raise ArchitectureError(f"{arch}: cannot import module {module_name!r} ({type(error).__name__}: {error})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ArchitectureError(f"{arch}: module {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ArchitectureError(f"{arch}: {attribute} is a {type(target).__name__}, not a callable returning an nn.Module")
+    try:
+        model = target()
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise ArchitectureError(f"{arch}: calling {attribute}() failed ({type(error).__name__}: {message})") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"{arch}: {attribute}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """A network's ImageNet evaluation transform: resize the shorter side to ``resize`` (with
+    ``interpolation``), centre-crop ``crop`` x ``crop``."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+
+
+ZOO_TRANSFORM = EvalTransform(resize=256, crop=224)
+
+
+def eval_transform(arch: str) -> EvalTransform:
+    """The evaluation transform ``arch``'s network expects: for torchvision's builders, the one
+    of their default ImageNet weights (``weights.transforms()``: 256/224 for most, 232/224 for
+    the ResNets' second recipe, 342/299 for Inception v3); 256/224 for ZFNet and factories."""
+    check_arch(arch)
+    if arch not in torchvision_classifiers():
+        return ZOO_TRANSFORM
+    preset = torchvision_default_weights(arch).transforms()  # torchvision's ImageClassification preset
+    return EvalTransform(resize=int(preset.resize_size[0]), crop=int(preset.crop_size[0]),
+                         interpolation=str(preset.interpolation.value))
+
+
+# -- default layers ----------------------------------------------------------------------------
+
+
+def output_shapes(model: nn.Module, layers: List[str], size: int = 224) -> Dict[str, Tuple[int, ...]]:
+    """``(C, H, W)`` (or whatever it is) of each named node's output for a ``size`` x ``size``
+    image, from a forward on the meta device: no arithmetic, and ``model`` left as it was."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    was_training = model.training
+    try:
+        extractor = create_feature_extractor(model.eval(), return_nodes=layers, suppress_diff_warning=True)
+    finally:
+        model.train(was_training)
+    meta = {key: torch.empty_like(value, device="meta") for key, value in
+            list(extractor.named_parameters()) + list(extractor.named_buffers())}
+    with torch.no_grad():
+        outputs = torch.func.functional_call(extractor, meta, (torch.empty(1, 3, size, size, device="meta"),))
+    return {name: tuple(outputs[name].shape[1:]) for name in layers}
+
+
+def _before_each_max_pool(model: nn.Module) -> List[str]:
+    """``features.i`` for the child before each max pool of ``model.features``, and its last
+    child when that is no pool (VGG's blocks, SqueezeNet's stages)."""
+    children = list(model.features.children())
+    ends = [i - 1 for i, child in enumerate(children) if isinstance(child, nn.MaxPool2d) and i > 0]
+    if not isinstance(children[-1], nn.MaxPool2d):
+        ends.append(len(children) - 1)
+    return [f"features.{i}" for i in ends]
+
+
+# Each torchvision family's stages, as the modules (node-name prefixes) whose last projectable node
+# is the stage's output; the table in docs/models.md shows what each gives.
+STAGES: List[Tuple[str, Callable[[nn.Module], List[str]]]] = [
+    (r"(resnet|resnext|wide_resnet)\d", lambda m: ["layer1", "layer2", "layer3", "layer4"]),
+    (r"vgg\d", _before_each_max_pool),
+    (r"squeezenet", _before_each_max_pool),
+    (r"densenet", lambda m: ["features.transition1", "features.transition2", "features.transition3", "relu"]),
+    (r"mobilenet_v2", lambda m: ["features.0", "features.3", "features.6", "features.13", "features.18"]),
+    (r"googlenet", lambda m: ["conv1", "conv3", "inception3b", "inception4e", "inception5b"]),
+    (r"inception_v3", lambda m: ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]),
+    (r"shufflenet_v2", lambda m: ["conv1", "stage2", "stage3", "stage4", "conv5"]),
+    (r"regnet_", lambda m: ["stem", "trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"]),
+]
+
+
+def default_layers(arch: str, model: nn.Module) -> List[str]:
+    """The layers ``zfk`` shows when ``--layers`` is not given. The zoo: every conv layer
+    (``conv1`` …). A torchvision family: each stage's output, the last projectable node
+    (:func:`zfkernels.graph.projectable_layers`) inside each stage module of :data:`STAGES`
+    (ResNets: ``layer1`` … ``layer4``'s final ReLU; VGG: the ReLU before each max pool;
+    DenseNet: each transition's ReLU and the last one). Any other network: the last projectable
+    node at each spatial resolution. A few layers, not hundreds, as feature-extraction node
+    names. A network the engine cannot run raises its ``ValueError``."""
+    if is_zoo(arch):
+        from .deconvnet import Deconvnet  # (the engine names the zoo's layers)
+
+        return list(Deconvnet(model).layers)
+    from .graph import projectable_layers
+
+    layers = projectable_layers(model)
+    family = next((stages for pattern, stages in STAGES if re.match(pattern, arch)), None)
+    if family is not None:
+        inside = lambda name, stage: name == stage or name.startswith(stage + ".")  # noqa: E731
+        return [[name for name in layers if inside(name, stage)][-1] for stage in family(model)]
+    last: Dict[Tuple[int, ...], str] = {}
+    for name, shape in output_shapes(model, layers, eval_transform(arch).crop).items():
+        last.pop(shape[1:], None)  # (re-inserted: the order is that of each resolution's last node)
+        last[shape[1:]] = name
+    return list(last.values())
 
 
 def torchvision_weights_path(arch: str) -> Path:

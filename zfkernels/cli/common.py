@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..job.console import say
 from ..models import untrained_warning
 
-ARCHS = tuple(models.ARCHITECTURES)
+ARCHS = tuple(models.ARCHITECTURES)  # the zoo; --arch also takes torchvision's builders and module:callable
 DEFAULT_SEED = 0  # the seeded random model used when no --weights is given
 
 
@@ -29,7 +29,10 @@ DEFAULT_SEED = 0  # the seeded random model used when no --weights is given
 
 def add_model_options(parser: argparse.ArgumentParser, *, weights_help: Optional[str] = None) -> None:
     """``--arch``, ``--weights``, ``--seed`` and ``--device``."""
-    parser.add_argument("--arch", choices=ARCHS, default="zfnet", help="network architecture (default: zfnet)")
+    parser.add_argument("--arch", type=arch_name, default="zfnet", metavar="ARCH",
+                        help="network: zfnet (default), alexnet, vgg16, a torchvision classification builder "
+                             "(resnet50, vgg16_bn, densenet121 …; see docs/models.md) or module.path:callable, "
+                             "a factory of yours returning an nn.Module")
     parser.add_argument(
         "--weights",
         metavar="PATH",
@@ -40,6 +43,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights_help: Optional
     parser.add_argument("--seed", type=seed_int, default=DEFAULT_SEED,
                         help=f"seed of the random network used without --weights, 0 <= seed < 2^64 (default: {DEFAULT_SEED})")
     add_device_option(parser)
+
+
+def arch_name(text: str) -> str:
+    """An argparse type: a name :func:`zfkernels.models.build` takes (the message suggests close
+    names); a ``module.path:callable`` factory is imported only when the model is built."""
+    try:
+        return models.check_arch(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -158,12 +170,31 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def load_model(arch: str, weights: Optional[str], seed: int, device: torch.device) -> nn.Module:
-    """The evaluation-mode model on ``device``; weights that do not fit are a :class:`UsageError`."""
+    """The evaluation-mode model on ``device``. An ``--arch`` that gives no network, weights
+    that do not fit, and a network the deconvnet cannot run are each a one-line
+    :class:`UsageError`."""
     try:
         model = models.build(arch, weights, seed=seed if weights is None else None)
+    except models.ArchitectureError as error:
+        raise UsageError(f"--arch: {error}") from None
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
-    return model.eval().to(device)
+    model.eval()
+    if not models.is_zoo(arch):
+        check_engine_runs(arch, model)
+    return model.to(device)
+
+
+def check_engine_runs(arch: str, model: nn.Module) -> None:
+    """Refuse, in one line, a network the deconvnet engine does not take (its first unsupported
+    operation), before any command starts on it."""
+    from ..deconvnet import Deconvnet
+
+    try:
+        Deconvnet(model)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--arch {arch}: the deconvnet cannot run this network: {first}") from None
 
 
 # -- output folders ----------------------------------------------------------------------------

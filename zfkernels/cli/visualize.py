@@ -208,8 +208,8 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
     images, source = resolve_images(args.data, args.limit, out)
     try:
         model = load_model(args.arch, args.weights, args.seed, device)
-    except UsageError as error:  # name the argument, as every other error does
-        raise UsageError(f"--weights: {error}") from None
+    except UsageError as error:  # name the argument, as every other error does (--arch's already do)
+        raise UsageError(str(error) if str(error).startswith("--") else f"--weights: {error}") from None
     layers = resolve_layers(model, args.layers)
     channels = resolve_features(model, layers, args.features)
     decoder = _pick_decoder(args.decoder, device)
