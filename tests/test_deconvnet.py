@@ -108,7 +108,7 @@ def test_receptive_field_contains_the_support_and_matches_the_analytic_box(photo
         out = dn.project(rec, layer, rows, channels, positions)
         for b in range(rows.shape[0]):
             y, x = positions[b].tolist()
-            x0, y0, x1, y1 = dn.receptive_field(layer, y, x)
+            x0, y0, x1, y1 = dn.receptive_field(layer, y, x, (224, 224))
             assert (x0, y0, x1, y1) == analytic_box(dn, layer, y, x, (224, 224))
             support = out[b].abs().sum(0).nonzero()
             assert support.numel() > 0
@@ -117,24 +117,28 @@ def test_receptive_field_contains_the_support_and_matches_the_analytic_box(photo
 
 
 def analytic_box(dn: Deconvnet, layer: str, y: int, x: int, size) -> Tuple[int, int, int, int]:
-    """The textbook recurrence, bottom-up: jump j, field r, first centre c (independent of the
-    top-down box arithmetic in zfkernels.receptive_field)."""
+    """The textbook recurrence, bottom-up over the modules of ``model.features`` up to the layer's
+    ReLU: jump j, field r, first centre c (independent of the top-down box arithmetic in
+    zfkernels.receptive_field and of the engine's graph)."""
+    last = int(dn.resolve(layer).split(".")[1])
     boxes = []
     for axis, pos in ((0, y), (1, x)):
         j, r, c = 1, 1, 0.0
-        for stage in dn.stages:
-            if stage.window is not None:
-                k, s, p = stage.window.kernel[axis], stage.window.stride[axis], stage.window.padding[axis]
+        for module in list(dn.model.features)[: last + 1]:
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+                k, s, p = (_two(module.kernel_size)[axis], _two(module.stride)[axis], _two(module.padding)[axis])
                 c = c + ((k - 1) / 2 - p) * j
                 r = r + (k - 1) * j
                 j = j * s
-            if stage.kind == "conv" and stage.name == layer:
-                break
         centre = c + pos * j
         lo, hi = int(centre - (r - 1) / 2), int(centre + (r - 1) / 2) + 1
         boxes.append((max(lo, 0), min(hi, size[axis])))
     (y0, y1), (x0, x1) = boxes
     return x0, y0, x1, y1
+
+
+def _two(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def test_chunking_and_batching_do_not_change_results(photos):
@@ -183,7 +187,8 @@ def small():
 
 def test_rejects_unknown_layer(small):
     dn, rec = small
-    with pytest.raises(ValueError, match=r"unknown layer 'conv9'; valid layers: conv1, conv2, conv3, conv4, conv5"):
+    with pytest.raises(ValueError, match=r"unknown layer 'conv9'; did you mean conv5, conv4, conv3, conv2, conv1\?; "
+                                         r"valid layers: conv1, conv2, conv3, conv4, conv5"):
         dn.project(rec, "conv9", [0], [0])
 
 
@@ -232,11 +237,18 @@ def test_rejects_unknown_mode_and_unsupported_models(small):
     dn, rec = small
     with pytest.raises(ValueError, match=r"mode must be one of deconvnet, guided, backprop"):
         dn.project(rec, "conv1", [0], [0], mode="gradcam")
-    with pytest.raises(ValueError, match=r"unsupported module BatchNorm2d"):
-        Deconvnet(_with_features(torch.nn.BatchNorm2d(3)))
+    with pytest.raises(ValueError, match=r"node 'features.1' \(module GELU\) is not an operation the deconvnet can project"):
+        Deconvnet(_with_features(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU()))
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def _with_features(*modules: torch.nn.Module) -> torch.nn.Module:
-    model = torch.nn.Module()
-    model.features = torch.nn.Sequential(*modules)
-    return model
+    return _Features(*modules)

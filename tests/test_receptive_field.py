@@ -38,7 +38,7 @@ def zfnet_box_1d(layer: str, i: int) -> Tuple[int, int]:
 def test_zfnet_boxes_equal_the_hand_derived_ones(layer):
     dn = Deconvnet(models.zfnet(seed=0))
     size = {"conv1": 110, "conv2": 26}.get(layer, 13)
-    assert dn.map_sizes((224, 224))[dn.stages.index(next(s for s in dn.stages if s.name == layer)) + 1] == (size, size)
+    assert dn.map_sizes((224, 224))[layer] == (size, size)
     for y, x in [(0, 0), (0, size - 1), (size - 1, 0), (size // 2, size // 3), (size - 1, size - 1)]:
         (y0, y1), (x0, x1) = zfnet_box_1d(layer, y), zfnet_box_1d(layer, x)
         want = (max(x0, 0), max(y0, 0), min(x1, 224), min(y1, 224))
@@ -63,21 +63,27 @@ def test_vgg16_boxes():
     assert dn.receptive_field("conv1_1", 0, 223, (224, 224)) == (222, 0, 224, 2)
 
 
-def test_boxes_clip_to_the_image_and_default_to_the_recorded_size():
+def test_boxes_clip_to_the_image_of_the_given_size():
     dn = Deconvnet(models.zfnet(seed=0).eval())
-    dn.record(torch.zeros(1, 3, 161, 97))  # conv5's map: 9x5
+    assert dn.record(torch.zeros(1, 3, 161, 97)).activations["conv5"].shape[-2:] == (9, 5)
     # Bottom-right: rows [16*8-49, +139) = [79, 218), columns [15, 154), cut at the image.
-    assert dn.receptive_field("conv5", 8, 4) == (15, 79, 97, 161)
-    assert dn.receptive_field("conv5", 0, 0) == (0, 0, 90, 90)
+    assert dn.receptive_field("conv5", 8, 4, (161, 97)) == (15, 79, 97, 161)
+    assert dn.receptive_field("conv5", 0, 0, (161, 97)) == (0, 0, 90, 90)
     with pytest.raises(IndexError, match=r"outside the 9x5 map of conv5"):
-        dn.receptive_field("conv5", 9, 0)
+        dn.receptive_field("conv5", 9, 0, (161, 97))
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'image_size'"):
+        dn.receptive_field("conv5", 0, 0)
 
 
 def test_map_sizes_equal_the_recorded_ones():
     for arch, size in [("zfnet", (231, 199)), ("zfnet", (224, 224)), ("alexnet", (227, 203)), ("vgg16", (70, 53))]:
         dn = Deconvnet(models.build(arch, seed=0).eval())
         rec = dn.record(torch.zeros(1, 3, *size))
-        assert rec.sizes == dn.map_sizes(size), arch
+        sizes = dn.map_sizes(size)
+        assert list(sizes) == dn.layers, arch
+        for layer in dn.layers:
+            assert tuple(rec.activations[layer].shape[-2:]) == sizes[layer], (arch, layer)
+            assert dn.shape_of(layer, size) == tuple(rec.activations[layer].shape[1:]), (arch, layer)
 
 
 def test_receptive_field_rejects_bad_positions():
@@ -88,9 +94,11 @@ def test_receptive_field_rejects_bad_positions():
         dn.receptive_field("conv1", 0, -1, (224, 224))
     with pytest.raises(TypeError, match=r"y must be an int"):
         dn.receptive_field("conv1", 1.5, 0, (224, 224))
-    with pytest.raises(ValueError, match=r"unknown layer 'fc6'; valid layers: conv1, conv2, conv3, conv4, conv5"):
+    with pytest.raises(ValueError, match=r"unknown layer 'conv9'; did you mean .*; valid layers: conv1, conv2, conv3"):
+        dn.receptive_field("conv9", 0, 0, (224, 224))
+    with pytest.raises(ValueError, match=r"fc6 is not a feature map"):
         dn.receptive_field("fc6", 0, 0, (224, 224))
-    with pytest.raises(ValueError, match=r"images of 20x20 are too small for this model: conv2"):
+    with pytest.raises(ValueError, match=r"images of 20x20 do not fit this model: step 'features.4' \(conv\)"):
         dn.receptive_field("conv1", 0, 0, (20, 20))
 
 
@@ -177,7 +185,7 @@ def test_cropped_projection_equals_the_full_computation_at_the_borders(arch, siz
         error = float((ours - full).norm() / full.norm())
         assert error < 1e-5, f"{arch} {size} {layer}: {error:.2e}"
         for b in range(rows.shape[0]):  # nothing outside the box, whatever the rounding
-            x0, y0, x1, y1 = dn.receptive_field(layer, int(positions[b, 0]), int(positions[b, 1]))
+            x0, y0, x1, y1 = dn.receptive_field(layer, int(positions[b, 0]), int(positions[b, 1]), size)
             outside = ours[b].abs().sum(0)
             outside[y0:y1, x0:x1] = 0
             assert not outside.any(), f"{layer} selection {b}: signal outside its receptive field"

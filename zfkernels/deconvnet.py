@@ -1,55 +1,57 @@
-"""The deconvnet engine: record a batch of images once, then project any number of selected
-activations down to pixel space in large batches, with the zfkernels ops doing the work.
+"""The deconvnet engine for any ReLU CNN: record a batch of images once, then project any number
+of selected activations down to pixel space in large batches, with the zfkernels ops doing the
+work.
 
-Semantics (GUIDE section 2): the seed is the selected activation(s) of a conv layer's ReLU output;
-going down, transposed filters without bias (``project``; the first step with ``channels=``),
-unpooling with the image's switches (``unpool``), ReLU of the reconstructed signal, contrast
-normalisation skipped. ``mode="guided"`` also masks by the forward activation and
-``mode="backprop"`` is the plain gradient (mask only); both take the normalisation's true
-gradient, so each equals its autograd definition.
+Semantics (GUIDE section 2; docs/engine.md has the table): the projection of a seed at a layer
+is the gradient of <seed, activation> with respect to the image, with every rectifier's backward
+replaced by ``relu(signal)`` (``mode="deconvnet"``), ``relu(signal) * [x > 0]`` ("guided") or
+kept (``signal * [x > 0]``, "backprop"; ReLU6's mask is ``0 < x < 6``), and every other
+operation's exact transpose with biases dropped: convolutions through ``ops.project``,
+BatchNorm as a per-channel scale folded into the convolution below it, max pooling through
+``ops.unpool`` with the recorded switches, average pooling as its adjoint, a residual add
+sending the signal to both inputs, cat/chunk/shuffle/view by slicing and permuting,
+normalisations skipped in deconvnet mode, the rest (linear, adaptive pooling) as autograd.
 
-A single activation (``positions``) is computed only inside its receptive field: each level
-holds a box per selection (an origin, which may lie in the padding, and a size common to the
-batch) instead of the whole map, so the cost does not grow with the image.
+The graph comes from :mod:`zfkernels.graph`. A single activation (``positions``) is projected
+inside a box per selection (an origin, which may lie in the padding, and a size common to the
+batch) instead of the whole map: boxes go down convolutions and poolings exactly, merge as
+their union where branches meet, and become the whole map only where an operation mixes
+positions (adaptive pooling, a spatial reshape). On a conv/BN/ReLU/pool chain the box is the
+receptive field, so the cost does not grow with the image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
-from .receptive_field import Window, receptive_field
+from .graph import RECTIFIERS, Graph, Step, Tape, evaluate, graph_of, normalise, rearrangement_index, walk
+from .receptive_field import Window, clip_box, down
 
 MODES = ("deconvnet", "guided", "backprop")
-NORMALISATIONS = (nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity)
 IndexLike = Union[torch.Tensor, Sequence[int]]
-
-
-@dataclass
-class Stage:
-    """One module of ``model.features``: ``kind`` is conv, relu, pool or norm."""
-
-    kind: str
-    module: nn.Module
-    name: Optional[str] = None  # the conv layer a conv or its ReLU belongs to
-    window: Optional[Window] = None  # conv and pool geometry
-    ceil_mode: bool = False
+LAYOUT_BATCH = 1  # the fake forward behind map sizes and receptive fields runs on one image
 
 
 @dataclass
 class Recording:
-    """One forward pass: post-ReLU activations of every conv layer (``activations[name]``), the
-    uint8 switches of every max pool (once per image), and what the backward modes need."""
+    """One forward pass: the outputs of every rectifier and projectable step below the recorded
+    layers (``activations[step]``), the uint8 switches of every max pool, the normalisations'
+    inputs, every step's output shape, and the graph's non-tensor values (sizes)."""
 
     images_shape: Tuple[int, ...]
     activations: Dict[str, torch.Tensor]
-    switches: Dict[int, torch.Tensor]  # stage index -> (N, C, h, w) uint8
-    sizes: List[Tuple[int, int]]  # map size entering each stage, then the output of the last
-    norm_inputs: Dict[int, torch.Tensor]  # stage index -> the normalisation's input
+    switches: Dict[str, torch.Tensor]
+    norm_inputs: Dict[str, torch.Tensor]
+    shapes: Dict[str, torch.Size]
+    tape: Tape = field(repr=False, default_factory=Tape)
     owner: object = field(repr=False, default=None)
 
     @property
@@ -57,87 +59,49 @@ class Recording:
         return self.images_shape[0]
 
 
-def _pair(v: Union[int, Tuple[int, ...], str]) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+@dataclass
+class Signal:
+    """The signal on one step's output going down: ``value`` ``(B, C, h, w)`` on ``box`` of the
+    map (``None``: not a feature map, the whole tensor), or with ``channels`` ``(B,)`` a single
+    channel per selection, ``value`` ``(B, 1, h, w)``."""
 
-
-def parse_features(features: nn.Module) -> List[Stage]:
-    """The stages of ``features`` with their conv layer names (``conv1``…, or ``conv1_1``… for
-    VGG-like nets whose first block has several convolutions)."""
-    modules = list(features.children()) if isinstance(features, nn.Sequential) else [features]
-    stages: List[Stage] = []
-    for module in modules:
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or _pair(module.dilation) != (1, 1) or isinstance(module.padding, str):
-                raise ValueError(f"Deconvnet: unsupported convolution {module} (groups, dilation or string padding)")
-            window = Window(_pair(module.kernel_size), _pair(module.stride), _pair(module.padding))
-            stages.append(Stage("conv", module, window=window))
-        elif isinstance(module, nn.ReLU):
-            if not stages or stages[-1].kind != "conv":
-                raise ValueError("Deconvnet: every ReLU must follow a convolution")
-            stages.append(Stage("relu", module))
-        elif isinstance(module, nn.MaxPool2d):
-            if _pair(module.dilation) != (1, 1) or module.return_indices:
-                raise ValueError(f"Deconvnet: unsupported max pooling {module}")
-            kernel = _pair(module.kernel_size)
-            stride = kernel if module.stride is None else _pair(module.stride)
-            stages.append(Stage("pool", module, window=Window(kernel, stride, _pair(module.padding)), ceil_mode=module.ceil_mode))
-        elif isinstance(module, NORMALISATIONS):
-            stages.append(Stage("norm", module))
-        else:
-            raise ValueError(
-                f"Deconvnet: unsupported module {type(module).__name__} in features "
-                "(supported: Conv2d, ReLU, MaxPool2d, LocalResponseNorm)"
-            )
-    for i, stage in enumerate(stages):
-        if stage.kind == "conv" and (i + 1 >= len(stages) or stages[i + 1].kind != "relu"):
-            raise ValueError("Deconvnet: every convolution must be followed by a ReLU")
-    _name_convs(stages)
-    return stages
-
-
-def _name_convs(stages: List[Stage]) -> None:
-    blocks: List[List[Stage]] = [[]]
-    for stage in stages:
-        if stage.kind == "conv":
-            blocks[-1].append(stage)
-        elif stage.kind == "pool" and blocks[-1]:
-            blocks.append([])
-    vgg_style = len(blocks[0]) > 1
-    count = 0
-    for b, block in enumerate(blocks, start=1):
-        for j, conv in enumerate(block, start=1):
-            count += 1
-            conv.name = f"conv{b}_{j}" if vgg_style else f"conv{count}"
-    for i, stage in enumerate(stages):
-        if stage.kind == "relu":
-            stage.name = stages[i - 1].name
+    value: torch.Tensor
+    box: Optional["Box"]
+    channels: Optional[torch.Tensor] = None
 
 
 class Deconvnet:
     """``dn = Deconvnet(model)``; ``rec = dn.record(images)``; ``dn.project(rec, layer, rows,
-    channels, positions=None)`` -> ``(B, 3, H, W)`` projections in pixel space."""
+    channels, positions=None)`` -> ``(B, 3, H, W)`` projections in pixel space.
+
+    ``model`` is any ``nn.Module`` that torchvision's feature-extraction tracer can trace and
+    that is built from the supported operations (:mod:`zfkernels.graph`); anything else raises
+    ``ValueError`` here, naming the first unsupported operation and its node. ``layers`` lists
+    the projectable layers (node names; the zoo's ``conv1``… aliases where they exist)."""
 
     def __init__(self, model: nn.Module) -> None:
-        features = getattr(model, "features", None)
-        if features is None:
-            raise ValueError("Deconvnet: the model needs a .features module (as torchvision's and zfkernels.models)")
         self.model = model
-        self.stages = parse_features(features)
-        self.layers: List[str] = [s.name for s in self.stages if s.kind == "conv"]
-        self._image_size: Tuple[int, int] = (224, 224)
+        self.graph: Graph = graph_of(model)
+        self.layers: List[str] = list(self.graph.layers)
+        self._plans: Dict[str, "_Plan"] = {}
+        self._weights: Dict[Tuple[str, torch.dtype, torch.device], Tuple[Tuple[int, ...], torch.Tensor]] = {}
+        self._indices: Dict[Tuple[str, torch.Size, torch.device], Tuple[str, torch.Tensor, bool]] = {}
+
+    def resolve(self, layer: str) -> str:
+        """The graph step a layer name (node name, alias or module path) stands for."""
+        return self.graph.resolve(layer)
 
     # -- forward ------------------------------------------------------------------------------
 
-    def record(self, images: torch.Tensor) -> Recording:
-        """One forward pass over ``(N, 3, H, W)`` float images, keeping every conv layer's
-        post-ReLU activations and every pool's uint8 switches."""
+    def record(self, images: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Recording:
+        """One forward pass over ``(N, 3, H, W)`` float images, as far as the deepest of
+        ``layers`` (default: every projectable layer), keeping what projections need."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"Deconvnet.record: images must be an (N, 3, H, W) tensor, got {shape}")
         if not images.is_floating_point():
             raise TypeError(f"Deconvnet.record: images must be floating point, got {images.dtype}")
-        weight = self.stages[0].module.weight if self.stages and self.stages[0].kind == "conv" else None
+        weight = next(iter(self.model.parameters()), None)
         if weight is not None and images.device != weight.device:
             raise ValueError(
                 f"Deconvnet.record: images are on {images.device} but the model is on {weight.device}; "
@@ -148,92 +112,143 @@ class Deconvnet:
                 f"Deconvnet.record: images are {images.dtype} but the model is {weight.dtype}; "
                 "convert one to the other (model.to(dtype) or images.to(dtype))"
             )
-        self.map_sizes((images.shape[-2], images.shape[-1]))  # images too small for the model: say so before the forward
-        activations: Dict[str, torch.Tensor] = {}
-        switches: Dict[int, torch.Tensor] = {}
-        norm_inputs: Dict[int, torch.Tensor] = {}
-        sizes: List[Tuple[int, int]] = []
-        x = images
+        targets = [self.resolve(layer) for layer in (self.layers if layers is None else layers)]
+        self.layout((images.shape[-2], images.shape[-1]))  # images too small for the model: say so first
+        wanted = [name for name in self._below(targets) if self._kept(name)] + targets
+        tape = Tape()
         with torch.no_grad():
-            for i, stage in enumerate(self.stages):
-                sizes.append((x.shape[-2], x.shape[-1]))
-                if stage.kind == "conv":
-                    x = stage.module(x)
-                elif stage.kind == "relu":
-                    x = torch.relu(x)
-                    activations[stage.name] = x
-                elif stage.kind == "pool":
-                    w = stage.window
-                    x, switches[i] = ops.maxpool_switches(x, w.kernel, w.stride, w.padding, stage.ceil_mode)
-                else:
-                    norm_inputs[i] = x
-                    x = _normalise(stage.module, x)
-        sizes.append((x.shape[-2], x.shape[-1]))
-        self._image_size = (images.shape[-2], images.shape[-1])
-        return Recording(tuple(images.shape), activations, switches, sizes, norm_inputs, owner=self)
+            activations = dict(walk(self.graph, images, wanted, keep=wanted, tape=tape))
+        for alias, step in self.graph.aliases.items():  # the zoo's names reach the same tensors
+            if step in activations:
+                activations[alias] = activations[step]
+        return Recording(tuple(images.shape), activations, tape.switches, tape.norm_inputs, tape.shapes, tape, owner=self)
 
-    # -- receptive fields ---------------------------------------------------------------------
+    def _below(self, targets: Sequence[str]) -> List[str]:
+        seen: Dict[str, None] = {}
+        for name in targets:
+            seen.update(dict.fromkeys(self.graph.ancestors(name)))
+        return [name for name in self.graph.order if name in seen]
 
-    def _windows_below(self, layer: str) -> List[Window]:
-        top = self._conv_index(layer)
-        return [s.window for s in self.stages[: top + 1] if s.window is not None]
+    def _kept(self, name: str) -> bool:
+        return self.graph.steps[name].kind in RECTIFIERS or name in self.graph.nodes
 
-    def map_sizes(self, image_size: Tuple[int, int]) -> List[Tuple[int, int]]:
-        """The map size entering each stage for images of ``image_size``, then the last stage's
-        output (what ``Recording.sizes`` holds), by PyTorch's output-size arithmetic. Raises
-        ``ValueError`` naming the stage where the images are too small for the model."""
+    # -- sizes and receptive fields -----------------------------------------------------------
+
+    def layout(self, image_size: Tuple[int, int]) -> Tape:
+        """Every step's output shape (and the graph's sizes) for one image of ``image_size``,
+        from a forward on fake tensors (no computation), up to the deepest projectable layer.
+        Raises ``ValueError`` naming the step where the images are too small for the model."""
         size = (int(image_size[0]), int(image_size[1]))
         if min(size) < 1:
             raise ValueError(f"Deconvnet: image size {size} must be positive")
-        sizes = [size]
-        for stage in self.stages:
-            if stage.window is not None:
-                w = stage.window
-                out = []
-                for axis in range(2):
-                    n, k, s, p = size[axis], w.kernel[axis], w.stride[axis], w.padding[axis]
-                    if n + 2 * p < k:
-                        raise ValueError(
-                            f"Deconvnet: images of {image_size[0]}x{image_size[1]} are too small for this model: "
-                            f"{stage.name or stage.kind} ({type(stage.module).__name__}, kernel {w.kernel}) "
-                            f"receives a {size[0]}x{size[1]} map"
-                        )
-                    o = (n + 2 * p - k + (s - 1 if stage.ceil_mode else 0)) // s + 1
-                    if stage.ceil_mode and (o - 1) * s >= n + p:  # the last window must start inside the map
-                        o -= 1
-                    out.append(o)
-                size = (out[0], out[1])
-            sizes.append(size)
-        return sizes
+        tape = self.graph.layouts.get(size)
+        if tape is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def receptive_field(
-        self, layer: str, y: int, x: int, image_size: Optional[Tuple[int, int]] = None
-    ) -> Tuple[int, int, int, int]:
+            tape = Tape()
+            last = self.graph.nodes[-1] if self.graph.nodes else self.graph.output
+            weight = next(iter(self.model.parameters()), None)
+            like = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                fake = torch.empty((LAYOUT_BATCH, 3) + size, **like)
+                for _ in walk(self.graph, fake, [last], tape=tape):
+                    pass
+            tape.switches.clear()
+            tape.norm_inputs.clear()
+            self.graph.layouts[size] = tape
+        return tape
+
+    def map_sizes(self, image_size: Tuple[int, int]) -> Dict[str, Tuple[int, int]]:
+        """``{layer: (h, w)}`` of every projectable layer (by the names of ``layers``) for images
+        of ``image_size``."""
+        shapes = self.layout(image_size).shapes
+        return {layer: (int(shapes[step][-2]), int(shapes[step][-1]))
+                for layer, step in zip(self.layers, self.graph.nodes) if len(shapes[step]) == 4}
+
+    def recorded_bytes(self, image_size: Tuple[int, int], layers: Optional[Sequence[str]] = None) -> int:
+        """Bytes a recording keeps per image of ``image_size`` (maps at 4 bytes an element,
+        switches at 1), for ``record(images, layers)`` (the forward's own peak comes on top)."""
+        tape = self.layout(image_size)
+        targets = [self.resolve(layer) for layer in (self.layers if layers is None else layers)]
+        total = 0
+        for name in dict.fromkeys([n for n in self._below(targets) if self._kept(n)] + targets):
+            total += 4 * math.prod(tape.shapes[name][1:])
+        for name in self._below(targets):
+            kind = self.graph.steps[name].kind
+            if kind in ("maxpool", "lrn"):
+                total += (1 if kind == "maxpool" else 4) * math.prod(tape.shapes[name if kind == "maxpool" else
+                                                                               self.graph.steps[name].inputs[0]][1:])
+        return total
+
+    def shape_of(self, layer: str, image_size: Tuple[int, int]) -> Tuple[int, ...]:
+        """One image's output shape of ``layer`` (``(C, h, w)`` for a feature map)."""
+        return tuple(int(d) for d in self.layout(image_size).shapes[self.resolve(layer)][1:])
+
+    def num_channels(self) -> Dict[str, int]:
+        """Feature maps per projectable layer (by the names of ``layers``)."""
+        shapes = self.layout((224, 224)).shapes
+        return {layer: int(shapes[step][1]) for layer, step in zip(self.layers, self.graph.nodes)}
+
+    def receptive_box(self, layer: str, y: int, x: int, image_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+        """Unclipped ``(y0, x0, h, w)`` of the pixels activation ``(y, x)`` of ``layer`` can
+        reach: down every path, the union where branches meet, the whole map below an operation
+        that mixes positions."""
+        name = self.resolve(layer)
+        tape = self.layout(image_size)
+        boxes: Dict[str, Tuple[int, int, int, int]] = {name: (y, y + 1, x, x + 1)}
+        for step_name in reversed(self.graph.ancestors(name)):
+            box = boxes.pop(step_name, None)
+            if box is None:
+                continue
+            step = self.graph.steps[step_name]
+            if step.kind == "input":
+                y0, y1, x0, x1 = box
+                return y0, x0, y1 - y0, x1 - x0
+            for source in step.inputs:
+                below = self._box_below(step, box, tape, source)
+                old = boxes.get(source)
+                boxes[source] = below if old is None else (
+                    min(old[0], below[0]), max(old[1], below[1]), min(old[2], below[2]), max(old[3], below[3]))
+        raise ValueError(f"Deconvnet: {layer!r} does not depend on the image")
+
+    def _box_below(self, step: Step, box: Tuple[int, int, int, int], tape: Tape,
+                   source: str) -> Tuple[int, int, int, int]:
+        shapes = tape.shapes
+        if step.kind in ("conv", "maxpool") or (step.kind == "avgpool" and _boxable_avgpool(step)):
+            y0, h = down(box[0], box[1] - box[0], step.window, 0)
+            x0, w = down(box[2], box[3] - box[2], step.window, 1)
+            return y0, y0 + h, x0, x0 + w
+        if step.kind in _POSITIONWISE or (step.kind == "cat" and _cat_dim(step, shapes) == 1) or (
+                step.kind == "rearrange" and self._rearrangement(step, tape)[0] == "channels"):
+            return box
+        below = shapes[source]
+        return (0, int(below[-2]), 0, int(below[-1])) if len(below) == 4 else box
+
+    def receptive_field(self, layer: str, y: int, x: int, image_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
         """Pixel box ``(x0, y0, x1, y1)`` (half-open, clipped to the image) that activation
-        ``(y, x)`` of ``layer`` sees; ``image_size`` defaults to the last recorded images'.
-        ``(y, x)`` outside the layer's map raises ``IndexError``."""
-        top = self._conv_index(layer)
-        size = tuple(image_size or self._image_size)
-        height, width = self.map_sizes(size)[top + 1]
-        for name, value, limit in (("y", y, height), ("x", x, width)):
+        ``(y, x)`` of ``layer`` sees in images of ``image_size``. ``(y, x)`` outside the
+        layer's map raises ``IndexError``."""
+        if image_size is None or len(tuple(image_size)) != 2:
+            raise TypeError("Deconvnet.receptive_field: image_size must be (height, width)")
+        size = (int(image_size[0]), int(image_size[1]))
+        name = self.resolve(layer)
+        shape = self.layout(size).shapes.get(name)
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"Deconvnet.receptive_field: {layer} is not a feature map")
+        height, width = int(shape[-2]), int(shape[-1])
+        for axis, value, limit in (("y", y, height), ("x", x, width)):
             if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)) or (
                 isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point())
             ):
-                raise TypeError(f"Deconvnet.receptive_field: {name} must be an int, got {value!r}")
+                raise TypeError(f"Deconvnet.receptive_field: {axis} must be an int, got {value!r}")
             if not 0 <= int(value) < limit:
                 raise IndexError(
-                    f"Deconvnet.receptive_field: {name}={int(value)} is outside the {height}x{width} map of {layer} "
+                    f"Deconvnet.receptive_field: {axis}={int(value)} is outside the {height}x{width} map of {layer} "
                     f"(images {size[0]}x{size[1]})"
                 )
-        return receptive_field(self._windows_below(layer), int(y), int(x), size)
+        return clip_box(*self.receptive_box(layer, int(y), int(x), size), size)
 
     # -- projection ---------------------------------------------------------------------------
-
-    def _conv_index(self, layer: str) -> int:
-        for i, stage in enumerate(self.stages):
-            if stage.kind == "conv" and stage.name == layer:
-                return i
-        raise ValueError(f"Deconvnet: unknown layer {layer!r}; valid layers: {', '.join(self.layers)}")
 
     def _index(self, name: str, values: IndexLike, length: Optional[int], limit: int, what: str) -> torch.Tensor:
         if not isinstance(values, torch.Tensor):
@@ -263,8 +278,9 @@ class Deconvnet:
     ) -> torch.Tensor:
         """Project selections to pixel space: for each ``b``, image ``rows[b]``, feature map
         ``channels[b]`` of ``layer``, and with ``positions`` (int64 ``(B, 2)`` of ``(y, x)``)
-        only that activation, else the whole map. Selections go through each layer as one batch
-        of at most ``chunk_size`` (a memory bound). Returns ``(B, 3, H, W)``."""
+        only that activation, else the whole map. Selections go down the graph as one batch of
+        at most ``chunk_size`` (a memory bound), sharing their image's switches. Returns
+        ``(B, 3, H, W)``."""
         if not isinstance(rec, Recording):
             raise TypeError(f"Deconvnet.project: rec must be a Recording from Deconvnet.record, got {type(rec).__name__}")
         if rec.owner is not self:
@@ -273,13 +289,17 @@ class Deconvnet:
             raise ValueError(f"Deconvnet.project: mode must be one of {', '.join(MODES)}, got {mode!r}")
         if chunk_size < 1:
             raise ValueError(f"Deconvnet.project: chunk_size must be positive, got {chunk_size}")
-        top = self._conv_index(layer)
-        act = rec.activations[layer]
+        name = self.resolve(layer)
+        if name not in rec.activations:
+            raise ValueError(f"Deconvnet.project: {layer} was not recorded (record(images, layers=[...]) stopped before it)")
+        act = rec.activations[name]
         rows = self._index("rows", rows, None, rec.num_images, f"{rec.num_images} recorded images").to(act.device)
         channels = self._index("channels", channels, rows.shape[0], act.shape[1], f"{layer} has {act.shape[1]} feature maps").to(act.device)
         if positions is not None:
             if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
                 raise TypeError("Deconvnet.project: positions must be an int64 tensor of (y, x) rows")
+            if act.dim() != 4:
+                raise ValueError(f"Deconvnet.project: {layer} is not a feature map; project it without positions")
             if positions.shape != (rows.shape[0], 2):
                 raise ValueError(f"Deconvnet.project: positions must be ({rows.shape[0]}, 2), got {tuple(positions.shape)}")
             positions = positions.to(act.device)
@@ -293,50 +313,359 @@ class Deconvnet:
         for start in range(0, rows.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             pos = None if positions is None else positions[part]
-            out[part] = self._project_chunk(rec, top, rows[part], channels[part], pos, mode)
+            out[part] = self._project_chunk(rec, name, rows[part], channels[part], pos, mode)
         return out
 
-    def _project_chunk(
-        self,
-        rec: Recording,
-        top: int,
-        rows: torch.Tensor,
-        channels: torch.Tensor,
-        positions: Optional[torch.Tensor],
-        mode: str,
-    ) -> torch.Tensor:
-        act = rec.activations[self.stages[top].name]
+    def _plan(self, top: str) -> "_Plan":
+        plan = self._plans.get(top)
+        if plan is None:
+            plan = self._plans[top] = _Plan.of(self.graph, top)
+        return plan
+
+    def _project_chunk(self, rec: Recording, top: str, rows: torch.Tensor, channels: torch.Tensor,
+                       positions: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+        plan = self._plan(top)
+        act = rec.activations[top]
         batch = rows.shape[0]
-        map_h, map_w = act.shape[-2:]
-        if positions is None:
-            signal = act[rows, channels].unsqueeze(1)  # whole maps: (B, 1, h, w)
-            box = Box.whole(batch, map_h, map_w, act.device)
+        if act.dim() != 4:
+            value = act.new_zeros((batch,) + tuple(act.shape[1:]))
+            value[torch.arange(batch, device=act.device), channels] = act[rows, channels]
+            seed = Signal(value, None)
+        elif positions is None:
+            seed = Signal(act[rows, channels].unsqueeze(1), Box.whole(batch, act.shape[-2], act.shape[-1], act.device), channels)
         else:
-            signal = act[rows, channels, positions[:, 0], positions[:, 1]].view(batch, 1, 1, 1)
-            box = Box(positions[:, 0].clone(), positions[:, 1].clone(), 1, 1, uniform=False)
-        i = top
-        first = True
-        while i >= 0:
-            stage = self.stages[i]
-            below = rec.sizes[i]  # the map this stage's input lives on
-            if stage.kind == "conv":
-                weight = stage.module.weight.detach().to(signal.dtype)
-                signal, box = _project(signal, box, weight, stage.window, below, channels if first else None)
-                first = False
-            elif stage.kind == "relu" and i != top:  # the top ReLU is the identity on its own output
-                signal = _rectify(signal, mode, _forward_mask(rec.activations[stage.name], rows, box) if mode != "deconvnet" else None)
-            elif stage.kind == "pool":
-                fuse = mode == "deconvnet" and i > 0 and self.stages[i - 1].kind == "relu"
-                signal, box = _unpool(signal, box, rec.switches[i], rows, stage.window, below, fuse)
-                if fuse:
-                    i -= 1  # the ReLU below was applied in the same pass
-            elif stage.kind == "norm" and mode != "deconvnet":
-                signal = _norm_backward(stage.module, crop(rec.norm_inputs[i], rows, box), signal)
-            i -= 1
-        return box.paste(signal, rec.images_shape[-2:])
+            value = act[rows, channels, positions[:, 0], positions[:, 1]].view(batch, 1, 1, 1)
+            seed = Signal(value, Box(positions[:, 0].clone(), positions[:, 1].clone(), 1, 1, uniform=False), channels)
+        pending: Dict[str, Signal] = {top: seed}
+        for name in plan.order:
+            signal = pending.pop(name, None)
+            if signal is None:
+                continue
+            step = self.graph.steps[name]
+            if step.kind == "input":
+                signal = _whole(_dense(signal, 3), rec.shapes[name])
+                return signal.value
+            for source, part in self._down(step, signal, rec, rows, mode, plan):
+                shape = rec.shapes[source]
+                part = _settle(part, shape)
+                pending[source] = part if source not in pending else _accumulate(pending[source], part, shape)
+        raise ValueError(f"Deconvnet: {top!r} does not depend on the image")
+
+    # -- one step down ------------------------------------------------------------------------
+
+    def _down(self, step: Step, signal: Signal, rec: Recording, rows: torch.Tensor, mode: str,
+              plan: "_Plan") -> List[Tuple[str, Signal]]:
+        kind = step.kind
+        shape = rec.shapes[step.name]
+        source = step.inputs[0] if step.inputs else None
+        if kind in RECTIFIERS:
+            value = signal.value
+            if mode != "deconvnet":
+                y = crop(rec.activations[step.name], rows, signal.box, signal.channels)
+                mask = (y > 0) if kind == "relu" else (y > 0) & (y < 6)
+                value = torch.relu(value) * mask if mode == "guided" else value * mask
+            else:
+                value = torch.relu(value)
+            return [(source, Signal(value, signal.box, signal.channels))]
+        if kind in ("identity", "bias"):
+            return [(source, signal)]
+        if kind == "scale":
+            return [(source, Signal(signal.value * step.options["factor"], signal.box, signal.channels))]
+        if kind == "add":
+            return [(name, signal) for name in step.inputs]
+        if kind == "bn":
+            if step.name in plan.folded:
+                return [(source, signal)]  # folded into the convolution below
+            scale = _bn_scale(step.module).to(signal.value.dtype)
+            if signal.channels is not None:
+                factor = scale[signal.channels].view(-1, *([1] * (signal.value.dim() - 1)))
+            else:
+                factor = scale.view(1, -1, *([1] * (signal.value.dim() - 2)))
+            return [(source, Signal(signal.value * factor, signal.box, signal.channels))]
+        if kind == "conv":
+            weight = self._weight(step, plan, signal.value)
+            groups = step.options["groups"]
+            return [(source, _transpose(signal, shape, rec.shapes[source], step.window, weight, groups))]
+        if kind == "avgpool" and _boxable_avgpool(step):
+            signal = _dense(signal, shape[1])
+            k = step.window.kernel
+            weight = signal.value.new_full((shape[1], 1, k[0], k[1]), 1.0 / (k[0] * k[1]))
+            return [(source, _transpose(signal, shape, rec.shapes[source], step.window, weight, shape[1]))]
+        if kind == "maxpool":
+            return [self._unpool(step, _dense(signal, shape[1]), rec, rows, mode, plan)]
+        if kind == "lrn":
+            if mode == "deconvnet":
+                return [(source, signal)]  # the paper skips contrast normalisation going down
+            signal = _dense(signal, shape[1])
+            inputs = crop(rec.norm_inputs[step.name], rows, signal.box)
+            return [(source, Signal(_norm_backward(step.module, inputs, signal.value), signal.box))]
+        if kind == "cat":
+            return self._split(step, signal, rec)
+        if kind == "rearrange":
+            return [(source, self._unrearrange(step, signal, rec))]
+        if kind == "linear":
+            value = _whole(_dense(signal, shape[1]), shape).value
+            weight = step.module.weight if step.module is not None else _linear_weight(step, rec)
+            return [(source, _signal_on(value @ weight.detach().to(value.dtype), rec.shapes[source]))]
+        # affine (adaptive pooling, mean) and average pooling that is not a plain window: autograd.
+        value = _whole(_dense(signal, shape[1]), shape).value
+        return [(source, _signal_on(self._vjp(step, rec, value), rec.shapes[source]))]
+
+    def _weight(self, step: Step, plan: "_Plan", like: torch.Tensor) -> torch.Tensor:
+        """The convolution's weight, times the BatchNorm scale above it when folded; cached per
+        dtype and device until a parameter changes."""
+        conv = step.module
+        bn = plan.folded_into.get(step.name)
+        tensors = [conv.weight] + ([] if bn is None else [t for t in _bn_tensors(bn) if t is not None])
+        version = tuple(id(t) for t in tensors) + tuple(t._version for t in tensors)
+        key = (step.name + ("+" + bn.__class__.__name__ if bn is not None else ""), like.dtype, like.device)
+        cached = self._weights.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        with torch.no_grad():
+            weight = conv.weight.detach()
+            if bn is not None:
+                weight = weight * _bn_scale(bn).view(-1, 1, 1, 1)
+            weight = weight.to(device=like.device, dtype=like.dtype).contiguous()
+        self._weights[key] = (version, weight)
+        return weight
+
+    def _unpool(self, step: Step, signal: Signal, rec: Recording, rows: torch.Tensor, mode: str,
+                plan: "_Plan") -> Tuple[str, Signal]:
+        source = step.inputs[0]
+        fuse = mode == "deconvnet" and source in plan.fused
+        target = self.graph.steps[source].inputs[0] if fuse else source
+        switches = rec.switches[step.name]
+        below = tuple(rec.shapes[source][-2:])
+        w = step.window
+        box = signal.box
+        if box.is_map(switches.shape[-2:]):
+            # Whole maps: every selection reads its image's switches in place (rows=), no copies.
+            out = ops.unpool(signal.value, switches, below, w.kernel, w.stride, w.padding, w.dilation, rows=rows,
+                             rectify=fuse)
+            return target, Signal(out, Box.whole(out.shape[0], below[0], below[1], out.device))
+        # A box of windows: its switches (a few bytes per selection) unpool as a padding-free
+        # pooling of the box's own pixels; switch offsets are relative to their window, so they
+        # hold unchanged. Windows off the map carry zero signal; their switch 0 adds nothing.
+        off_map = ~box.inside(switches.shape[-2:], torch.bool)
+        box_switches = crop(switches, rows, box).masked_fill(off_map, 0).contiguous()
+        size = ((box.h - 1) * w.stride[0] + w.span(0), (box.w - 1) * w.stride[1] + w.span(1))
+        out = ops.unpool(signal.value, box_switches, size, w.kernel, w.stride, 0, w.dilation, rectify=fuse)
+        value, new_box = box.down(w).clip(out, below)
+        return target, Signal(value, new_box)
+
+    def _split(self, step: Step, signal: Signal, rec: Recording) -> List[Tuple[str, Signal]]:
+        shape = rec.shapes[step.name]
+        dim = _cat_dim(step, rec.shapes)
+        if dim == 1 or signal.box is None:
+            signal = _dense(signal, shape[1])
+        if dim != 1:
+            signal = _whole(signal, shape)
+        parts = []
+        offset = 0
+        for name in step.inputs:
+            size = rec.shapes[name][dim]
+            value = signal.value.narrow(dim, offset, size)
+            offset += size
+            box = signal.box if dim == 1 else (Box.whole(value.shape[0], value.shape[-2], value.shape[-1], value.device)
+                                               if value.dim() == 4 else None)
+            parts.append((name, Signal(value, box)))
+        return parts
+
+    def _rearrangement(self, step: Step, tape: Tape,
+                       device: torch.device = torch.device("cpu")) -> Tuple[str, torch.Tensor, bool]:
+        """``("channels", source channel of each output channel, injective)`` when the step only
+        permutes or selects whole channels of a map (a channel shuffle), else ``("flat",
+        flat index of each output element, injective)``."""
+        input_shape = tape.inputs[step.name]
+        key = (step.name, input_shape, device)
+        cached = self._indices.get(key)
+        if cached is None:
+            index = rearrangement_index(self.graph, step, input_shape, tape.env, device)
+            injective = index.numel() == torch.unique(index).numel()
+            cached = ("flat", index, injective)
+            if index.dim() == 3 and len(input_shape) == 4 and tuple(index.shape[1:]) == tuple(input_shape[2:]):
+                plane = input_shape[2] * input_shape[3]
+                base = index[:, :1, :1]
+                source = base.flatten() // plane
+                if bool((base % plane == 0).all()) and torch.equal(
+                        index, base + torch.arange(plane, device=device).view(1, *index.shape[1:])):
+                    cached = ("channels", source, injective)
+            self._indices[key] = cached
+        return cached
+
+    def _unrearrange(self, step: Step, signal: Signal, rec: Recording) -> Signal:
+        device = signal.value.device
+        how, index, injective = self._rearrangement(step, rec.tape, device)
+        input_shape = rec.tape.inputs[step.name]
+        batch = signal.value.shape[0]
+        if how == "channels" and signal.box is not None:
+            signal = _dense(signal, rec.shapes[step.name][1])
+            value = signal.value
+            out = value.new_zeros((batch, input_shape[1]) + tuple(value.shape[2:]))
+            out.index_copy_(1, index, value) if injective else out.index_add_(1, index, value)
+            return Signal(out, signal.box)
+        shape = rec.shapes[step.name]
+        value = _whole(_dense(signal, shape[1]) if len(shape) > 1 else signal, shape).value.reshape(batch, -1)
+        out = value.new_zeros((batch, math.prod(input_shape[1:])))
+        flat = index.flatten()
+        out.index_copy_(1, flat, value) if injective else out.index_add_(1, flat, value)
+        return _signal_on(out.view((batch,) + tuple(input_shape[1:])), input_shape)
+
+    def _vjp(self, step: Step, rec: Recording, signal: torch.Tensor) -> torch.Tensor:
+        """The step's transpose by autograd: it is linear in its input, so the gradient at zero
+        is exact. Also under ``torch.inference_mode()`` (pass 2 runs in it)."""
+        input_shape = rec.shapes[step.inputs[0]]
+        with torch.inference_mode(False), torch.enable_grad():
+            x = signal.new_zeros((signal.shape[0],) + tuple(input_shape[1:])).requires_grad_(True)
+            if step.node is None:
+                y = step.module(x)
+            else:
+                def lookup(n: fx.Node) -> Any:
+                    if self.graph.values.get(n) == "tensor":
+                        return x
+                    return rec.tape.env[n]
+
+                y = evaluate(step.node, lookup, self.graph.model)
+            (grad,) = torch.autograd.grad(y, x, signal.clone())
+        return grad
 
 
-# -- the steps, on a box per selection ---------------------------------------------------------
+# -- the plan of a projection ------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """For one top layer: the steps below it in reverse order, the rectifiers a max pool
+    rectifies while unpooling (their only reader is that pool), and the BatchNorms folded into
+    the convolution below them (that convolution's only reader)."""
+
+    order: List[str]
+    fused: set
+    folded: set
+    folded_into: Dict[str, nn.Module]
+
+    @classmethod
+    def of(cls, graph: Graph, top: str) -> "_Plan":
+        order = list(reversed(graph.ancestors(top)))
+        inside = set(order)
+        fused, folded, folded_into = set(), set(), {}
+        for name in order:
+            step = graph.steps[name]
+            if step.kind == "maxpool":
+                below = graph.steps[step.inputs[0]]
+                if below.kind in RECTIFIERS and below.name != top and \
+                        [u for u in below.users if u in inside] == [name]:
+                    fused.add(below.name)
+            if step.kind == "bn" and name != top:
+                below = graph.steps[step.inputs[0]]
+                if below.kind == "conv" and [u for u in below.users if u in inside] == [name]:
+                    folded.add(name)
+                    folded_into[below.name] = step.module
+        return cls(order, fused, folded, folded_into)
+
+
+_POSITIONWISE = ("relu", "relu6", "bn", "add", "bias", "identity", "scale", "lrn")
+
+
+def _boxable_avgpool(step: Step) -> bool:
+    """An average pooling whose every window divides by the full kernel: a plain transposed
+    window (partial windows from padding or ceil mode go through autograd instead)."""
+    w = step.window
+    return step.options.get("divisor_override") is None and not w.ceil_mode and (
+        step.options.get("count_include_pad", True) or w.padding == (0, 0))
+
+
+def _cat_dim(step: Step, shapes: Dict[str, torch.Size]) -> int:
+    dim = step.options["dim"]
+    return dim % len(shapes[step.name])
+
+
+def _bn_tensors(bn: nn.Module) -> Tuple[Optional[torch.Tensor], ...]:
+    return (bn.weight, bn.running_var)
+
+
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    """γ / √(running_var + ε): the eval-mode BatchNorm's linear part, per channel."""
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double()
+    return scale.to(bn.running_var.dtype)
+
+
+def _linear_weight(step: Step, rec: Recording) -> torch.Tensor:
+    node = step.node
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    return rec.tape.env[weight] if isinstance(weight, fx.Node) else weight
+
+
+def _signal_on(value: torch.Tensor, shape: torch.Size) -> Signal:
+    """A dense signal of a whole tensor: a whole-map box when it is a feature map."""
+    if value.dim() == 4:
+        return Signal(value, Box.whole(value.shape[0], value.shape[-2], value.shape[-1], value.device))
+    return Signal(value, None)
+
+
+def _dense(signal: Signal, channels: int) -> Signal:
+    """All channels: a single-channel signal placed at its channel of zero maps."""
+    if signal.channels is None:
+        return signal
+    value = signal.value
+    out = value.new_zeros((value.shape[0], channels) + tuple(value.shape[2:]))
+    out[torch.arange(value.shape[0], device=value.device), signal.channels] = value[:, 0]
+    return Signal(out, signal.box)
+
+
+def _whole(signal: Signal, shape: torch.Size) -> Signal:
+    """The signal on its whole map (the box pasted at its place)."""
+    size = (int(shape[-2]), int(shape[-1])) if len(shape) == 4 else None
+    if signal.box is None or size is None or signal.box.is_map(size):
+        return signal
+    return Signal(signal.box.paste(signal.value, size), Box.whole(signal.value.shape[0], size[0], size[1],
+                                                                  signal.value.device), signal.channels)
+
+
+def _settle(signal: Signal, shape: torch.Size) -> Signal:
+    """A box at least as large as its map becomes the whole map (cheaper, and exact)."""
+    box = signal.box
+    if box is None or len(shape) != 4 or box.is_map(shape[-2:]):
+        return signal
+    if box.h * box.w >= int(shape[-2]) * int(shape[-1]):
+        return _whole(signal, shape)
+    return signal
+
+
+def _accumulate(a: Signal, b: Signal, shape: torch.Size) -> Signal:
+    """The sum of two signals on one step's output (branches meeting going down): on the union
+    of their boxes."""
+    if a.box is None or b.box is None:
+        return Signal(_whole(_dense(a, shape[1]), shape).value + _whole(_dense(b, shape[1]), shape).value, None)
+    if not (a.channels is not None and a.channels is b.channels):
+        a, b = _dense(a, shape[1]), _dense(b, shape[1])
+    if a.box.same(b.box):
+        return Signal(a.value + b.value, a.box, a.channels)
+    box = a.box.union(b.box)
+    return _settle(Signal(box.place(a.value, a.box) + box.place(b.value, b.box), box, a.channels), shape)
+
+
+def _transpose(signal: Signal, shape: torch.Size, below_shape: torch.Size, window: Window, weight: torch.Tensor,
+               groups: int) -> Signal:
+    """A convolution's (or plain average pooling's) transpose on a signal, whole map or box."""
+    below = (int(below_shape[-2]), int(below_shape[-1]))
+    box = signal.box
+    if box.is_map(shape[-2:]):
+        # Whole maps: the layer's own padding, and output_size lands exactly on the map below.
+        out = ops.project(signal.value, weight, window.stride, window.padding, below, groups=groups,
+                          dilation=window.dilation, channels=signal.channels)
+        return Signal(out, Box.whole(out.shape[0], below[0], below[1], out.device))
+    out = ops.project(signal.value, weight, window.stride, 0, groups=groups, dilation=window.dilation,
+                      channels=signal.channels)
+    value, new_box = box.down(window).clip(out, below)
+    return Signal(value, new_box)
+
+
+# -- boxes ---------------------------------------------------------------------------------------
 
 
 class Box:
@@ -354,11 +683,43 @@ class Box:
     def is_map(self, size: Tuple[int, int]) -> bool:
         return self.uniform and (self.h, self.w) == tuple(size) and (self.y0.numel() == 0 or int(self.y0[0]) == 0 and int(self.x0[0]) == 0)
 
+    def same(self, other: "Box") -> bool:
+        """The same positions for every selection."""
+        return (self.h, self.w) == (other.h, other.w) and (self.y0 is other.y0 or torch.equal(self.y0, other.y0)) and (
+            self.x0 is other.x0 or torch.equal(self.x0, other.x0))
+
+    def union(self, other: "Box") -> "Box":
+        """The smallest box (of a size common to the batch) holding both, per selection."""
+        y0, x0 = torch.minimum(self.y0, other.y0), torch.minimum(self.x0, other.x0)
+        if y0.numel() == 0:
+            return Box(y0, x0, max(self.h, other.h), max(self.w, other.w), self.uniform and other.uniform)
+        h = int((torch.maximum(self.y0 + self.h, other.y0 + other.h) - y0).max())
+        w = int((torch.maximum(self.x0 + self.w, other.x0 + other.w) - x0).max())
+        return Box(y0, x0, h, w, self.uniform and other.uniform)
+
+    def place(self, value: torch.Tensor, box: "Box") -> torch.Tensor:
+        """``value`` on ``box`` placed on a zero map of this (enclosing) box."""
+        if self.same(box):
+            return value
+        batch, channels = value.shape[:2]
+        out = value.new_zeros((batch, channels, self.h, self.w))
+        if batch == 0:
+            return out
+        dy, dx = box.y0 - self.y0, box.x0 - self.x0
+        if bool((dy == dy[0]).all()) and bool((dx == dx[0]).all()):
+            oy, ox = int(dy[0]), int(dx[0])
+            out[:, :, oy:oy + box.h, ox:ox + box.w] = value
+            return out
+        ys = dy[:, None] + torch.arange(box.h, device=dy.device)
+        xs = dx[:, None] + torch.arange(box.w, device=dx.device)
+        flat = (ys[:, :, None] * self.w + xs[:, None, :]).flatten(1)[:, None, :].expand(batch, channels, -1)
+        return out.view(batch, channels, -1).scatter_(2, flat, value.flatten(2)).view(out.shape)
+
     def down(self, window: Window) -> "Box":
         y0 = self.y0 * window.stride[0] - window.padding[0]
         x0 = self.x0 * window.stride[1] - window.padding[1]
-        h = (self.h - 1) * window.stride[0] + window.kernel[0]
-        w = (self.w - 1) * window.stride[1] + window.kernel[1]
+        h = (self.h - 1) * window.stride[0] + window.span(0)
+        w = (self.w - 1) * window.stride[1] + window.span(1)
         return Box(y0, x0, h, w, self.uniform)
 
     def grid(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -388,6 +749,7 @@ class Box:
     def paste(self, signal: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """The box contents placed on a zero (B, C, H, W) map (parts off the map dropped)."""
         batch, channels = signal.shape[:2]
+        size = (int(size[0]), int(size[1]))
         if self.is_map(size):
             return signal
         out = signal.new_zeros((batch, channels, size[0] * size[1]))
@@ -403,66 +765,18 @@ class Box:
         return out.view(batch, channels, size[0], size[1])
 
 
-def crop(tensor: torch.Tensor, rows: torch.Tensor, box: Box) -> torch.Tensor:
-    """``tensor[rows]`` restricted to each selection's box (clamped outside the map)."""
-    if box.is_map(tensor.shape[-2:]):
-        return tensor[rows]
+def crop(tensor: torch.Tensor, rows: torch.Tensor, box: Optional[Box], channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``tensor[rows]`` restricted to each selection's box (clamped outside the map); with
+    ``channels``, only channel ``channels[b]`` of row ``b`` (``(B, 1, h, w)``)."""
+    if box is None or box.is_map(tensor.shape[-2:]):
+        return tensor[rows] if channels is None else tensor[rows, channels].unsqueeze(1)
     ys, xs = box.grid()
     ys = ys.clamp(0, tensor.shape[-2] - 1)
     xs = xs.clamp(0, tensor.shape[-1] - 1)
+    if channels is not None:
+        return tensor[rows[:, None, None], channels[:, None, None], ys[:, :, None], xs[:, None, :]].unsqueeze(1)
     picked = tensor[rows[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (B, h, w, C)
     return picked.permute(0, 3, 1, 2)
-
-
-def _project(
-    signal: torch.Tensor,
-    box: Box,
-    weight: torch.Tensor,
-    window: Window,
-    below: Tuple[int, int],
-    channels: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, Box]:
-    if box.is_map((signal.shape[-2], signal.shape[-1])) and box.uniform:
-        # Whole maps: the layer's own padding, and output_size lands exactly on the map below.
-        out = ops.project(signal, weight, window.stride, window.padding, below, channels=channels)
-        return out, Box.whole(signal.shape[0], below[0], below[1], signal.device)
-    out = ops.project(signal, weight, window.stride, 0, channels=channels)
-    return box.down(window).clip(out, below)
-
-
-def _unpool(
-    signal: torch.Tensor,
-    box: Box,
-    switches: torch.Tensor,
-    rows: torch.Tensor,
-    window: Window,
-    below: Tuple[int, int],
-    rectify: bool,
-) -> Tuple[torch.Tensor, Box]:
-    if box.is_map(switches.shape[-2:]):
-        # Whole maps: every selection reads its image's switches in place (rows=), no copies.
-        out = ops.unpool(signal, switches, below, window.kernel, window.stride, window.padding, rows=rows, rectify=rectify)
-        return out, Box.whole(signal.shape[0], below[0], below[1], signal.device)
-    # A box of windows: its switches (a few bytes per selection) unpool as a padding-free
-    # pooling of the box's own pixels; switch offsets are relative to their window, so they
-    # hold unchanged. Windows off the map carry zero signal; their switch 0 adds nothing.
-    off_map = ~box.inside(switches.shape[-2:], torch.bool)
-    box_switches = crop(switches, rows, box).masked_fill(off_map, 0).contiguous()
-    size = ((box.h - 1) * window.stride[0] + window.kernel[0], (box.w - 1) * window.stride[1] + window.kernel[1])
-    out = ops.unpool(signal, box_switches, size, window.kernel, window.stride, 0, rectify=rectify)
-    return box.down(window).clip(out, below)
-
-
-def _forward_mask(activation: torch.Tensor, rows: torch.Tensor, box: Box) -> torch.Tensor:
-    return crop(activation, rows, box) > 0
-
-
-def _rectify(signal: torch.Tensor, mode: str, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mode == "deconvnet":
-        return torch.relu(signal)
-    if mode == "guided":
-        return torch.relu(signal) * mask
-    return signal * mask  # backprop: the ReLU's true gradient
 
 
 def _norm_backward(module: nn.Module, inputs: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
@@ -472,13 +786,5 @@ def _norm_backward(module: nn.Module, inputs: torch.Tensor, signal: torch.Tensor
     normal-tensor copy of the input, since inference tensors cannot take part in autograd."""
     with torch.inference_mode(False), torch.enable_grad():
         x = inputs.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_normalise(module, x), x, signal)
+        (grad,) = torch.autograd.grad(normalise(module, x), x, signal)
     return grad
-
-
-def _normalise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Normalisations in float32 for half-precision maps (PyTorch's CPU LocalResponseNorm has no
-    bfloat16 kernel, and a sum of squares deserves float anyway)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return module(x.float()).to(x.dtype)
-    return module(x)

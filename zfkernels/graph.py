@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .receptive_field import Window
+
 # -- the supported operations ------------------------------------------------------------------
 
 #: Step kinds. ``relu`` and ``relu6`` are the rectifiers; ``rearrange`` moves elements without
@@ -75,21 +77,6 @@ AVG_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_in
 def pair(value: Any) -> Tuple[int, int]:
     """An int or a pair as ``(h, w)``."""
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-@dataclass(frozen=True)
-class Window:
-    """Kernel, stride, padding and dilation of one convolution or pooling, per axis (H, W)."""
-
-    kernel: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int] = (1, 1)
-    ceil_mode: bool = False
-
-    def span(self, axis: int) -> int:
-        """Pixels one window covers along ``axis`` (dilated kernel)."""
-        return self.dilation[axis] * (self.kernel[axis] - 1) + 1
 
 
 @dataclass
@@ -143,6 +130,24 @@ def _trace(model: nn.Module) -> Tuple[fx.Graph, Dict[fx.Node, str]]:
     return graph, dict(tracer.node_to_qualname)
 
 
+class ZooForward(nn.Module):
+    """The zoo's forward (``features`` -> ``avgpool`` -> flatten -> ``classifier``) for a model
+    that holds those three modules but no ``forward`` of its own; the modules are the model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.features, self.avgpool, self.classifier = model.features, model.avgpool, model.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _traceable(model: nn.Module) -> nn.Module:
+    if type(model).forward is nn.Module.forward and all(hasattr(model, part) for part in ("features", "avgpool", "classifier")):
+        return ZooForward(model)
+    return model
+
+
 def _describe(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return f"module {type(root.get_submodule(node.target)).__name__}"
@@ -168,13 +173,15 @@ class Graph:
     ``nodes`` (every projectable node name) and ``aliases`` (alias -> step name)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.graph, self.names = _trace(model)
+        self.model = _traceable(model)  # the traced root: the model, or its zoo-style wrapper
+        self.graph, self.names = _trace(self.model)
         self.steps: Dict[str, Step] = {}
         self.values: Dict[fx.Node, str] = {}  # node -> "tensor" | "const" | "shape" | "tuple" | "none"
         self.step_of: Dict[fx.Node, str] = {}  # tensor node -> the step holding its value
         self.tuple_source: Dict[fx.Node, fx.Node] = {}  # chunk/split node -> its tensor input
         self.output: Optional[str] = None
+        self._reads: Dict[str, Tuple[str, ...]] = {}
+        self.layouts: Dict[Tuple[int, int], "Tape"] = {}  # image size -> shapes (Deconvnet.layout)
         for node in self.graph.nodes:
             self._classify(node)
         for step in self.steps.values():
@@ -410,12 +417,35 @@ class Graph:
             return inside[-1]
         raise ValueError(unknown_layer_message(layer, self.layers, [*self.nodes, *self.aliases]))
 
+    def reads(self, name: str) -> Tuple[str, ...]:
+        """The steps whose outputs ``name`` reads: its inputs, and those its size arguments
+        (``x.size()``…) come from."""
+        cached = self._reads.get(name)
+        if cached is None:
+            step = self.steps[name]
+            found = list(step.inputs)
+            seen: set = set()
+
+            def visit(n: fx.Node) -> None:
+                if n in seen:
+                    return
+                seen.add(n)
+                if self.values.get(n) == "tensor":
+                    found.append(self.step_of[n])
+                    return
+                fx.node.map_arg((n.args, n.kwargs), visit)
+
+            if step.node is not None:
+                fx.node.map_arg((step.node.args, step.node.kwargs), visit)
+            cached = self._reads[name] = tuple(dict.fromkeys(found))
+        return cached
+
     def ancestors(self, name: str) -> List[str]:
         """The steps ``name`` depends on, itself included, in forward order."""
         seen = {name}
         stack = [name]
         while stack:
-            for i in self.steps[stack.pop()].inputs:
+            for i in self.reads(stack.pop()):
                 if i not in seen:
                     seen.add(i)
                     stack.append(i)
@@ -581,9 +611,10 @@ def layer_aliases(model: nn.Module) -> Dict[str, str]:
     return dict(graph_of(model).aliases)
 
 
-def evaluate(node: fx.Node, env: Dict[fx.Node, Any], root: nn.Module) -> Any:
-    """One fx node on the values in ``env`` (in-place variants run out of place)."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+def evaluate(node: fx.Node, lookup: Callable[[fx.Node], Any], root: nn.Module) -> Any:
+    """One fx node on the values ``lookup`` gives its argument nodes (in-place variants run out of
+    place, so no earlier output is ever overwritten)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
     if node.op == "call_module":
         return root.get_submodule(node.target)(*args, **kwargs)
     if node.op == "call_method":
@@ -617,7 +648,7 @@ class Tape:
     inputs: Dict[str, Any] = field(default_factory=dict)  # rearrange step -> its input value (index maps)
 
 
-def run_step(step: Step, values: Sequence[torch.Tensor], env: Dict[fx.Node, Any], root: nn.Module,
+def run_step(step: Step, values: Sequence[torch.Tensor], lookup: Callable[[fx.Node], Any], root: nn.Module,
              tape: Optional[Tape]) -> torch.Tensor:
     """One step forward, with eval-mode semantics whatever the modules' mode (BatchNorm on its
     running statistics, dropout the identity) and no in-place writes into earlier outputs."""
@@ -651,7 +682,7 @@ def run_step(step: Step, values: Sequence[torch.Tensor], env: Dict[fx.Node, Any]
         return values[0] + values[1] if step.node.target is not torch.add else torch.add(values[0], values[1])
     if step.node is None:  # a leaf block's child: linear, pools, flatten…
         return step.module(x)
-    return evaluate(step.node, env, root)
+    return evaluate(step.node, lookup, root)
 
 
 def normalise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -681,23 +712,27 @@ def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Ite
     order = [name for name in graph.order if name in needed_set]
     last_use = {}
     for i, name in enumerate(order):
-        for source in graph.steps[name].inputs:
+        for source in graph.reads(name):
             last_use[source] = i
-    env: Dict[fx.Node, Any] = tape.env if tape is not None else {}
+    env: Dict[fx.Node, Any] = tape.env if tape is not None else {}  # non-tensor values (sizes, chunk tuples)
     outputs: Dict[str, torch.Tensor] = {}
     pending = len(wanted)
-    node_position = {n: i for i, n in enumerate(graph.graph.nodes)}
-    # Non-tensor nodes (sizes, constants, chunk tuples) are evaluated when a step first needs them.
+
+    def lookup(node: fx.Node) -> Any:
+        if graph.values.get(node) == "tensor":
+            return outputs[graph.step_of[node]]
+        if node not in env:  # sizes, constants and chunk tuples: evaluated when first read
+            env[node] = evaluate(node, lookup, graph.model)
+        return env[node]
+
     for i, name in enumerate(order):
         step = graph.steps[name]
         values = [outputs[source] for source in step.inputs]
         if step.kind == "input":
             value = images
         else:
-            if step.node is not None:
-                _fill_env(graph, step.node, env, outputs, node_position)
             try:
-                value = run_step(step, values, env, graph.model, tape)
+                value = run_step(step, values, lookup, graph.model, tape)
             except RuntimeError as error:
                 shape = tuple(values[0].shape[-2:]) if values and values[0].dim() == 4 else tuple(values[0].shape)
                 raise ValueError(
@@ -705,8 +740,6 @@ def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Ite
                     f"({step.kind}) receives a {'x'.join(map(str, shape))} map ({str(error).splitlines()[0]})"
                 ) from error
         outputs[name] = value
-        if step.node is not None:
-            env[step.node] = value
         if tape is not None:
             tape.shapes[name] = value.shape
             if step.kind == "rearrange":
@@ -716,30 +749,39 @@ def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Ite
             pending -= 1
             if pending == 0:
                 return
-        for source in step.inputs:
+        for source in graph.reads(name):
             if last_use.get(source) == i and source not in keep:
-                del outputs[source]
-                node = graph.steps[source].node
-                if node is not None and tape is None:
-                    env.pop(node, None)
+                outputs.pop(source, None)
 
 
-def _fill_env(graph: Graph, node: fx.Node, env: Dict[fx.Node, Any], outputs: Dict[str, torch.Tensor],
-              node_position: Dict[fx.Node, int]) -> None:
-    """Evaluate the non-tensor nodes ``node`` reads (sizes, constants, chunk tuples), and put
-    the tensor steps it reads into ``env``."""
-    def need(n: fx.Node) -> None:
-        if n in env:
-            return
-        kind = graph.values.get(n)
-        if kind == "tensor":
-            step = graph.step_of[n]
-            if step in outputs:
-                env[n] = outputs[step]
-            return
-        fx.node.map_arg((n.args, n.kwargs), need)
-        if kind == "tuple":
-            need(graph.tuple_source[n])
-        env[n] = evaluate(n, env, graph.model)
+def rearrangement_index(graph: Graph, step: Step, input_shape: torch.Size, env: Dict[fx.Node, Any],
+                        device: torch.device) -> torch.Tensor:
+    """Where each output element of a ``rearrange`` step comes from: an int64 tensor of one
+    image's output shape holding flat indices into one image's input, found by running the step
+    on an index tensor (same sizes as the recorded forward). Raises ``ValueError`` when the step
+    mixes images (its output rows would differ)."""
+    per_image = math.prod(input_shape[1:])
+    index = torch.arange(per_image, device=device).repeat(input_shape[0]).view(input_shape)
+    local: Dict[fx.Node, Any] = {}
+    node = step.node
+    if node is None:  # a leaf block's Flatten
+        out = step.module(index)
+    else:
+        tuple_node = node.args[0] if graph.values.get(node.args[0]) == "tuple" else None
+        source = graph.tuple_source[tuple_node] if tuple_node is not None else next(
+            n for n in node.all_input_nodes if graph.values.get(n) == "tensor")
 
-    fx.node.map_arg((node.args, node.kwargs), need)
+        def lookup(n: fx.Node) -> Any:
+            if n is source:
+                return index
+            if n in local:
+                return local[n]
+            if n is tuple_node:
+                local[n] = evaluate(n, lookup, graph.model)
+                return local[n]
+            return env[n]
+
+        out = evaluate(node, lookup, graph.model)
+    if out.shape[0] != input_shape[0] or (input_shape[0] > 1 and not bool((out == out[:1]).all())):
+        raise ValueError(f"Deconvnet: step {step.name!r} mixes the batch's images; it cannot be projected per image")
+    return out[0].contiguous()

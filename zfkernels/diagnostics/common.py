@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..deconvnet import parse_features
+from ..graph import RECTIFIERS, graph_of, walk
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery
@@ -68,67 +68,50 @@ def paper_layers(model: nn.Module) -> PaperLayers:
 
 
 class FeatureExtractor:
-    """One forward pass of a zoo-style model (``features`` -> ``avgpool`` -> flatten ->
-    ``classifier``) that returns the post-ReLU outputs of the requested layers: conv layers by
-    the engine's names (``conv1`` …, ``conv5_3``), the classifier's linear layers followed by a
-    ReLU as ``fc6``, ``fc7`` … (counted from 6, as in the paper), and ``"logits"``. The pass
+    """One forward pass through the model's graph (the walker of :mod:`zfkernels.graph`, the one
+    pass 1 and ``Deconvnet.record`` use) that returns the outputs of the requested layers: the
+    projectable layers by the engine's names (``conv1`` …, ``conv5_3``, or node names such as
+    ``layer2.1.relu_1``), the classifier's ReLUs (``fc6``, ``fc7`` … on the zoo, counted from 6
+    as in the paper; node names elsewhere), any other node name, and ``"logits"``. The pass
     stops after the deepest layer asked for."""
 
     def __init__(self, model: nn.Module) -> None:
-        for part in ("features", "avgpool", "classifier"):
-            if not hasattr(model, part):
-                raise ValueError(f"the model needs .{part} (as torchvision's and zfkernels.models)")
         self.model = model
-        self.stages = parse_features(model.features)
-        self.features = list(model.features.children()) if isinstance(model.features, nn.Sequential) else [model.features]
-        self.conv_layers: List[str] = [s.name for s in self.stages if s.kind == "conv"]
-        self._feature_taps = {i: s.name for i, s in enumerate(self.stages) if s.kind == "relu"}
-        self.classifier = list(model.classifier.children()) if isinstance(model.classifier, nn.Sequential) else [model.classifier]
-        self._fc_taps: Dict[int, str] = {}
-        linear = 0
-        for i, module in enumerate(self.classifier):
-            if isinstance(module, nn.Linear):
-                linear += 1
-            elif isinstance(module, nn.ReLU) and linear and i > 0:
-                self._fc_taps[i] = f"fc{5 + linear}"
-        self.fc_layers: List[str] = list(self._fc_taps.values())
+        self.graph = graph_of(model)
+        self.conv_layers: List[str] = list(self.graph.layers)
+        fcs = [alias for alias in self.graph.aliases if alias.startswith("fc")]
+        if not fcs:  # the rectifiers below the feature maps: the classifier's hidden layers
+            fcs = [name for name in self.graph.order if self.graph.steps[name].kind in RECTIFIERS
+                   and name not in self.graph.spatial and name in self.graph.node_names]
+        self.fc_layers: List[str] = fcs
 
     @property
     def layers(self) -> List[str]:
         return self.conv_layers + self.fc_layers + ["logits"]
 
     def check(self, layers: Sequence[str], what: str = "layers") -> None:
-        unknown = [name for name in layers if name not in self.layers]
-        if unknown:
-            raise ValueError(f"{what}: unknown layer {unknown[0]!r}; this network has {', '.join(self.layers)}")
+        for name in layers:
+            try:
+                self.graph.resolve(name)
+            except ValueError as error:
+                raise ValueError(f"{what}: {error}") from None
 
     def __call__(self, images: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
         """``{layer: (N, ...) tensor}`` for ``images`` ``(N, 3, H, W)`` (no autograd)."""
         self.check(layers)
-        wanted = set(layers)
+        steps: Dict[str, List[str]] = {}
+        for name in layers:
+            steps.setdefault(self.graph.resolve(name), []).append(name)
         out: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             # The layout the model's weights are in (see channels_last()): a conv mixing layouts is slow.
-            weight = self.stages[0].module.weight if self.stages else None
-            if weight is not None and weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+            weight = next((p for p in self.model.parameters() if p.dim() == 4), None)
+            if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
                     and not weight.is_contiguous():
                 images = images.contiguous(memory_format=torch.channels_last)
-            x = images
-            for i, module in enumerate(self.features):
-                x = module(x)
-                name = self._feature_taps.get(i)
-                if name in wanted:
-                    out[name] = x  # later feature modules never write into it (no in-place op follows a ReLU)
-                if len(out) == len(wanted):
-                    return out
-            x = torch.flatten(self.model.avgpool(x), 1)
-            for i, module in enumerate(self.classifier):
-                x = module(x)
-                name = self._fc_taps.get(i)
-                if name in wanted:
-                    out[name] = x
-            if "logits" in wanted:
-                out["logits"] = x
+            for step, value in walk(self.graph, images, steps, keep=steps):
+                for name in steps[step]:
+                    out[name] = value
         return out
 
 

@@ -159,7 +159,7 @@ def project_strongest(model: nn.Module, image: torch.Tensor, layer: str, stronge
     rec = dn.record(image.unsqueeze(0))
     positions = torch.tensor([[strongest.y, strongest.x]], dtype=torch.int64)
     projection = dn.project(rec, layer, [0], [strongest.channel], positions)[0]
-    return projection, dn.receptive_field(layer, strongest.y, strongest.x)
+    return projection, dn.receptive_field(layer, strongest.y, strongest.x, tuple(image.shape[-2:]))
 
 
 # -- the figure --------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from ..deconvnet import Box, Deconvnet
 from ..deconvnet import crop as crop_box
-from ..receptive_field import box_below
 from . import data as data_mod
 from .timing import StageClock
 from .topk import LayerTop
@@ -53,11 +52,12 @@ class FieldGeometry:
     offset: Tuple[int, int]
 
     @classmethod
-    def of(cls, dn: Deconvnet, layer: str) -> "FieldGeometry":
-        top = next(i for i, s in enumerate(dn.stages) if s.kind == "conv" and s.name == layer)
-        windows = [s.window for s in dn.stages[: top + 1] if s.window is not None]
-        y0, x0, h, w = box_below(windows, 0, 0)
-        y1, x1, _, _ = box_below(windows, 1, 1)
+    def of(cls, dn: Deconvnet, layer: str, image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> "FieldGeometry":
+        """From the engine's unclipped receptive boxes of activations (0, 0) and (1, 1) (a
+        layer whose field is the whole image gets stride 0: every tile shows all of it)."""
+        y0, x0, h, w = dn.receptive_box(layer, 0, 0, image_size)
+        height, width = dn.shape_of(layer, image_size)[-2:]
+        y1, x1, _, _ = dn.receptive_box(layer, min(1, height - 1), min(1, width - 1), image_size)
         return cls((h, w), (y1 - y0, x1 - x0), (y0, x0))
 
 
@@ -94,18 +94,10 @@ def _allocate(shape: Tuple[int, ...], scratch: Optional[Path], name: str) -> np.
     return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape)
 
 
-def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int) -> int:
+def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int, layers: Optional[Sequence[str]] = None) -> int:
     """At most ``requested`` images per recording, fewer when their maps would exceed
     :data:`RECORD_BUDGET` (VGG16 keeps ~55 MB of maps per 224x224 image)."""
-    sizes = dn.map_sizes((data_mod.CROP, data_mod.CROP))
-    per_image = 0
-    channels = 3
-    for i, stage in enumerate(dn.stages):
-        if stage.kind == "conv":
-            channels = stage.module.out_channels
-        h, w = sizes[i + 1]
-        if stage.kind in ("conv", "pool", "norm"):
-            per_image += channels * h * w * 4
+    per_image = dn.recorded_bytes((data_mod.CROP, data_mod.CROP), layers)
     return max(1, min(requested, RECORD_BUDGET // max(per_image, 1)))
 
 
@@ -174,7 +166,7 @@ def project_selections(
                 per_image.setdefault(image, []).append((j, r, int(top.channels[j]), y, x))
         wanted[name] = per_image
     distinct = selected_images(layers)
-    size = record_batch_size(model, dn, batch_size)
+    size = record_batch_size(model, dn, batch_size, list(layers))
     batches = [(b, distinct[b * size:(b + 1) * size]) for b in range((len(distinct) + size - 1) // size)]
     loader = data_mod.make_loader(images, batches, workers, pin_memory=device.type == "cuda", gpu_jpeg=gpu_jpeg)
     failures: List[Tuple[int, str]] = []
@@ -189,7 +181,7 @@ def project_selections(
             failures.extend(more)
             row_of = {int(i): n for n, i in enumerate(indices.tolist())}
             with clock("forward (record)"):
-                rec = dn.record(data_mod.normalize(crops))
+                rec = dn.record(data_mod.normalize(crops), list(layers))
             pixels = crops.float().div_(255)
             for name, per_image in wanted.items():
                 picks = [(row_of[i],) + entry for i in row_of if i in per_image for entry in per_image[i]]

@@ -21,7 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..deconvnet import Deconvnet, parse_features
+from ..deconvnet import Deconvnet
+from ..graph import graph_of, walk
 from ..models import channels_last
 from . import data as data_mod
 from .checkpoint import ScanState
@@ -31,31 +32,26 @@ from .topk import EMPTY, LayerTop, merge_states, spatial_max
 
 
 class FeatureTaps:
-    """Run ``model.features`` only as far as the deepest requested layer, yielding each requested
-    layer's post-ReLU activation as soon as it exists (so it is reduced while still warm)."""
+    """Pass 1's forward: the graph walker (:func:`zfkernels.graph.walk`) run only as far as the
+    deepest requested layer, yielding each requested layer's activation as soon as it exists
+    (so it is reduced while still warm). Layers are node names or the zoo's aliases."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
-        stages = parse_features(model.features)
-        names = [s.name for s in stages if s.kind == "conv"]
-        unknown = [name for name in layers if name not in names]
-        if unknown:
-            raise ValueError(f"unknown layer {unknown[0]!r}; valid layers: {', '.join(names)}")
-        self.taps = {i: s.name for i, s in enumerate(stages) if s.kind == "relu" and s.name in layers}
-        self.modules = list(model.features.children())[: max(self.taps) + 1]
+        self.graph = graph_of(model)
+        self.steps: Dict[str, List[str]] = {}
+        for name in layers:
+            self.steps.setdefault(self.graph.resolve(name), []).append(name)
 
     def __call__(self, x: torch.Tensor) -> Iterator[Tuple[str, torch.Tensor]]:
-        for i, module in enumerate(self.modules):
-            x = module(x)
-            if i in self.taps:
-                yield self.taps[i], x
+        for step, value in walk(self.graph, x, self.steps):
+            for name in self.steps[step]:
+                yield name, value
 
 
 def map_sizes(model: nn.Module, layers: Sequence[str], image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> Dict[str, Tuple[int, int]]:
-    """Each requested layer's map size for ``image_size`` inputs (arithmetic, no forward)."""
+    """Each requested layer's map size for ``image_size`` inputs (from the graph, no computation)."""
     dn = Deconvnet(model)
-    sizes = dn.map_sizes(image_size)
-    # sizes[i] enters stage i, so a conv stage's output is sizes[i + 1].
-    return {s.name: sizes[i + 1] for i, s in enumerate(dn.stages) if s.kind == "conv" and s.name in layers}
+    return {name: dn.shape_of(name, image_size)[-2:] for name in layers}
 
 
 class Scanner:
@@ -72,7 +68,7 @@ class Scanner:
             name: LayerTop.empty(channels[name], top, sizes[name], self.device) for name in layers
         }
         # Select the requested maps only when that is not all of them (saves a gather).
-        counts = num_channels(model)
+        counts = num_channels(model, layers)
         self._select = {
             name: None if torch.equal(channels[name].cpu(), torch.arange(counts[name], dtype=torch.int64))
             else channels[name].to(self.device)
@@ -113,9 +109,12 @@ class Scanner:
         self.layers = {name: top.to(self.device) for name, top in merge_states([self.state(), *states]).items()}
 
 
-def num_channels(model: nn.Module) -> Dict[str, int]:
-    """Feature maps per conv layer, in network order."""
-    return {s.name: s.module.out_channels for s in parse_features(model.features) if s.kind == "conv"}
+def num_channels(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Dict[str, int]:
+    """Feature maps per layer: ``layers`` (node names or aliases), by default every projectable
+    layer in network order (``Deconvnet(model).layers``)."""
+    dn = Deconvnet(model)
+    names = dn.layers if layers is None else layers
+    return {name: dn.shape_of(name, (data_mod.CROP, data_mod.CROP))[0] for name in names}
 
 
 class ScanInterrupted(Exception):
