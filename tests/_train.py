@@ -35,12 +35,6 @@ def env() -> Dict[str, str]:
     return environment
 
 
-def zfk(args: Sequence[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m zfkernels ARGS`` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "zfkernels", *args], env=env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def popen(args: Sequence[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "zfkernels", *args], env=env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

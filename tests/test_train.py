@@ -18,7 +18,7 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, one_thread, popen, zfk  # noqa: F401 (a fixture)
+from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, one_thread, popen  # noqa: F401 (a fixture)
 from _train_data import SIZE, disc_folder
 from zfkernels import models
 from zfkernels.cli import main
@@ -194,43 +194,63 @@ def test_learns_the_disc_colours(discs, tmp_path, one_thread):
     assert sorted(p.name for p in tmp_path.glob("epoch-*.pth")) == [f"epoch-00{i}.pth" for i in range(1, 7)]
 
 
+RESUME_ARGS = ["--epochs", "2", "--batch-size", "8", "--workers", "1", "--save-every", "2", *QUICK]
+
+
+@pytest.fixture(scope="module")
+def tiny_discs(tmp_path_factory) -> Path:
+    """12 training and 2 validation images per class: 6 steps of 8 an epoch."""
+    return disc_folder(tmp_path_factory.mktemp("tiny-discs"), 12, 2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_discs, tmp_path_factory) -> Path:
+    """The run the interrupted ones must reproduce (dropout on: its RNG state is part of the
+    training state, so even dropout resumes exactly)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the interrupted run's process: the same thread count, the same bits
+    try:
+        assert main(["train", "--data", str(tiny_discs), *RESUME_ARGS, "--out", str(out), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 @pytest.mark.slow
-def test_resume_after_sigint_equals_an_uninterrupted_run(small_discs, tmp_path):
-    # Dropout stays on: its RNG state is part of the training state, so even it resumes exactly.
-    args = ["train", "--data", str(small_discs), "--epochs", "2", "--batch-size", "8", "--workers", "1",
-            "--save-every", "2", *QUICK]
-    whole = zfk(args + ["--out", str(tmp_path / "whole"), "--quiet"])
-    assert whole.returncode == 0, whole.stderr
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_discs, uninterrupted, tmp_path, signum, one_thread):
     stopped = tmp_path / "stopped"
-    process = popen(args + ["--out", str(stopped)])
+    process = popen(["train", "--data", str(tiny_discs), *RESUME_ARGS, "--out", str(stopped)])
     try:
         deadline = time.time() + 120
         while not (stopped / "train-state.pth").exists():  # the first save, at step 2 of epoch 1
             assert process.poll() is None and time.time() < deadline, process.communicate()
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130 and "interrupted" in stderr, stderr
+    if signum == signal.SIGKILL:  # no chance to save: the last state written must do
+        assert process.returncode == -signal.SIGKILL
+    else:  # the step finished, the state saved, one line
+        assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
     state = torch.load(stopped / "train-state.pth", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["step"] > 0) == (0, True)  # stopped inside epoch 1
     assert not (stopped / "epoch-002.pth").exists()
-    resumed = zfk(["train", "--resume", "--out", str(stopped), "--workers", "0", "--quiet"])
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["train", "--resume", "--out", str(stopped), "--workers", "0", "--quiet"]) == 0
     for name in ("epoch-001.pth", "epoch-002.pth"):
-        assert_same_bits(tmp_path / "whole" / name, stopped / name)
+        assert_same_bits(uninterrupted / name, stopped / name)
     keys = ("epoch", "train_loss", "val_top1", "val_top5", "lr")
-    first, second = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path / "whole", stopped))
+    first, second = (json.loads((folder / "metrics.json").read_text()) for folder in (uninterrupted, stopped))
     assert epochs(first, *keys) == epochs(second, *keys)
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(small_discs, tmp_path):
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(small_discs, tmp_path, one_thread):
     args = ["--data", str(small_discs), "--epochs", "1", "--batch-size", "16", "--workers", "0", "--dropout", "0",
             *QUICK, "--quiet"]
-    one = zfk(["train", *args, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
          "zfkernels", "train", *args, "--out", str(tmp_path / "two")],
@@ -275,13 +295,15 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, capsys, one_thread):
     (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (data / "val" / "blue" / "empty.jpg").write_bytes(b"")
     status = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
-                   *QUICK, "--workers", "0"])
+                   *QUICK, "--workers", "0", "--ten-crop"])
     assert status == 0
     err = capsys.readouterr().err
     assert "broken.png" in err and "empty.jpg" in err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert sorted(Path(s["file"]).name for s in metrics["skipped"]) == ["broken.png", "empty.jpg"]
     assert metrics["images"] == {"train": 17, "val": 9}
+    # Ten-crop validation over the 8 readable val images: accuracies are multiples of 1/8.
+    assert (metrics["epochs"][0]["val_top1"] * 8) % 1 == 0 and "TenCrop" in metrics["preprocess"]["val"]
 
 
 # -- refusals ----------------------------------------------------------------------------------
