@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Sequence
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,13 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--resize", "72", "--crop", "64", "--width", "0.25", "--device", "cpu"]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process work on one thread (2 cores are shared; it is also what the subprocesses use)."""
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """In-process work on one thread (2 cores are shared; it is also what the subprocesses use,
+    and runs compared bit for bit must use the same thread count)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def env() -> Dict[str, str]:

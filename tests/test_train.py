@@ -18,13 +18,19 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, one_thread, popen  # noqa: F401 (a fixture)
+from _train import QUICK, REPO, assert_same_bits, env, epochs, free_port, load, popen, single_thread
 from _train_data import SIZE, disc_folder
 from zfkernels import models
 from zfkernels.cli import main
 from zfkernels.train import ABLATIONS, AblatedZFNet, TrainConfig, Training, build_network, renormalise_filters
 from zfkernels.train import data as train_data
 from zfkernels.train.recipe import Recipe, conv_weights, initialise
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -208,12 +214,8 @@ def uninterrupted(tiny_discs, tmp_path_factory) -> Path:
     """The run the interrupted ones must reproduce (dropout on: its RNG state is part of the
     training state, so even dropout resumes exactly)."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the interrupted run's process: the same thread count, the same bits
-    try:
+    with single_thread():  # as the interrupted run's process: the same thread count, the same bits
         assert main(["train", "--data", str(tiny_discs), *RESUME_ARGS, "--out", str(out), "--quiet"]) == 0
-    finally:
-        torch.set_num_threads(before)
     return out
 
 

@@ -6,7 +6,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 from ..job.io import atomic_write_bytes, atomic_write_text
 
@@ -46,7 +46,3 @@ def plot_curves(path: Path, epochs: Sequence[Dict[str, object]], title: str) -> 
     figure.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
 
-
-def lr_changes(epochs: List[Dict[str, object]]) -> List[int]:
-    """The epochs whose learning rate differs from the previous epoch's (the plateau drops)."""
-    return [b["epoch"] for a, b in zip(epochs, epochs[1:]) if b["lr"] != a["lr"]]
