@@ -66,6 +66,14 @@ def test_occlusion_refuses_sizes_beyond_the_crop(option, value, message, image, 
     assert not out.exists()
 
 
+def test_a_5000_digit_label_is_a_short_line(image, tmp_path, capsys):
+    # int() refuses over 4,300 digits with a ValueError of its own: --label came back as a traceback.
+    out = tmp_path / "out"
+    status, err = zfk(["occlusion", image, "--label", "9" * 5000, "--out", out], capsys)
+    assert_one_line_error(status, err, "occlusion", "argument --label: ", "class index '9999")
+    assert "(5000 characters)" in err and len(err) < 300 and not out.exists()
+
+
 def test_occlusion_takes_the_largest_square_and_stride(image, tmp_path, capsys):
     # The bounds are the crop's side itself: a 224x224 square at one position, which hides the
     # whole crop, so the occluded copy is the fill everywhere.

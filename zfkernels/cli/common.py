@@ -112,6 +112,28 @@ MAX_BATCH = 1024  # copies of a 224x224 image per forward pass; beyond it only t
 batch_size_int = int_in_range(1, MAX_BATCH, "images per forward pass")
 
 
+def fill_text(text: str) -> str:
+    """An argparse type for ``--fill``: ``mean``, ``grey``/``gray`` or a grey level 0-255,
+    checked as it is read (a 5,000-digit level is refused in a short line)."""
+    if text not in ("mean", "grey", "gray"):
+        try:
+            level = int(text)
+        except ValueError:
+            level = None
+        if level is None or not 0 <= level <= 255:
+            raise argparse.ArgumentTypeError(f"{quoted(text)} is not mean, grey or a grey level 0-255")
+    return text
+
+
+def label_text(text: str) -> str:
+    """An argparse type for ``--label``: a number too long to be a class index 0-999 is refused
+    as it is read (past 4,300 digits Python would not even convert it); the rest is checked
+    against the classes when the images are known."""
+    if text.strip().lstrip("+-").isdigit() and len(text.strip()) > 20:
+        raise argparse.ArgumentTypeError(f"class index {quoted(text)} is out of range 0-999")
+    return text
+
+
 class CommandParser(argparse.ArgumentParser):
     """A command's parser whose errors are one line, ``zfk CMD: error: ...`` (exit status 2),
     like every other refusal of ``zfk``: argparse's usage block would bury the message."""
@@ -254,7 +276,7 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_label_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label", nargs="+", metavar="CLASS",
+    parser.add_argument("--label", nargs="+", type=label_text, metavar="CLASS",
                         help="true class as an index 0-999 or a synset id: one for all images or one per image "
                              "(default: the synset in each file name)")
 
