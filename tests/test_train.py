@@ -184,12 +184,13 @@ def test_ablations_remove_the_papers_layers():
 
 
 @pytest.mark.slow
-def test_learns_the_disc_colours(discs, tmp_path, one_thread):
+def test_learns_the_disc_colours(discs, tmp_path, one_thread, device):
     """The recipe's defaults (lr, momentum, weight decay, dropout, renormalisation, init) with
     the CPU knobs: 72-px images with 64-px crops, a quarter-width ZFNet, and batches of 16 (12
-    steps an epoch on 192 images; at 128 an epoch would be one or two steps)."""
+    steps an epoch on 192 images; at 128 an epoch would be one or two steps). On CUDA: bf16
+    autocast and channels-last."""
     config = TrainConfig(str(discs), recipe=Recipe(epochs=6, batch_size=16), resize=SIZE, crop=64, width=0.25)
-    rows = Training(config, tmp_path, torch.device("cpu"), workers=0, quiet=True).run()
+    rows = Training(config, tmp_path, torch.device(device), workers=0, quiet=True).run()
     assert rows[-1]["val_top1"] >= 0.9, rows
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())

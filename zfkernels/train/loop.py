@@ -153,10 +153,13 @@ class Progress:
 
 
 def resolve_train_device(device: torch.device) -> torch.device:
-    """Under ``torchrun`` on CUDA each process takes its own GPU (``LOCAL_RANK``)."""
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
+    """A CUDA device with its index: under ``torchrun`` each process takes its own GPU
+    (``LOCAL_RANK``), otherwise plain ``cuda`` is the current one."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class Training:
