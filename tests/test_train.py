@@ -352,6 +352,8 @@ def test_refusals_of_options_and_weights(tmp_path, capsys):
     assert "--data is required" in refused(capsys, ["train", *out])
     assert "larger than --resize" in refused(capsys, ["train", "--data", str(data), "--resize", "64", "--crop", "72", *out])
     assert "inside --data" in refused(capsys, ["train", "--data", str(data), "--out", str(data / "train" / "runs")])
+    assert "alexnet is built at width 1" in refused(capsys, ["train", "--data", str(data), "--arch", "alexnet",
+                                                             "--width", "0.5", *out])
     alexnet = tmp_path / "alexnet.pth"
     torch.save(models.alexnet(seed=0).state_dict(), alexnet)
     err = refused(capsys, ["train", "--data", str(data), "--arch", "zfnet", "--weights", str(alexnet), *out, *QUICK[:4]])
