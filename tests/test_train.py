@@ -309,6 +309,23 @@ def test_unreadable_images_are_skipped_and_logged(tmp_path, capsys, one_thread):
     assert (metrics["epochs"][0]["val_top1"] * 8) % 1 == 0 and "TenCrop" in metrics["preprocess"]["val"]
 
 
+@pytest.mark.slow
+def test_training_starts_from_weights(small_discs, tmp_path, one_thread):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        start = build_network("zfnet", 1000, width=0.25)  # PyTorch's default initialisation, not the recipe's
+    torch.save(start.state_dict(), tmp_path / "start.pth")
+    recipe = TrainConfig(str(small_discs), width=0.25)
+    fresh = Training(recipe, tmp_path, torch.device("cpu"), workers=0, quiet=True).model.state_dict()
+    assert main(["train", "--data", str(small_discs), "--out", str(tmp_path / "run"), "--weights",
+                 str(tmp_path / "start.pth"), "--epochs", "1", "--batch-size", "32", "--lr", "1e-9", "--renorm", "0",
+                 *QUICK, "--workers", "0", "--quiet"]) == 0
+    trained = load(tmp_path / "run" / "epoch-001.pth")
+    for key, value in start.state_dict().items():  # a learning rate of 1e-9 barely moves them
+        assert torch.allclose(trained[key], value, atol=1e-6, rtol=0), key
+    assert not torch.allclose(trained["features.0.weight"], fresh["features.0.weight"], atol=1e-3)
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 
