@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -94,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "or torchvision (PyTorch's layer defaults)")
     add("--ten-crop", action="store_true", default=None,
         help="validate on ten crops per image (corners, centre and their mirror images, softmax averaged)")
-    add("--weights", metavar="PATH", help="start from this state dict of --arch (weights_only=True) instead of --init")
+    add("--weights", metavar="PATH", help="start from this state dict of --arch (weights_only=True; 'torchvision': "
+        "torchvision's cached AlexNet file) instead of --init")
     add("--resume", action="store_true",
         help=f"continue the run in --out from its {STATE}; no other option but --workers and --quiet may be given")
     add("--workers", type=non_negative_int, default=4, metavar="N", help="data-loading processes (default: 4)")
@@ -113,9 +115,11 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         return default if value is None else value
 
     recipe = Recipe(**{name: pick(name, getattr(RECIPE, name)) for name in RECIPE.as_dict()})
-    return TrainConfig(data=str(args.data), arch=pick("arch", CONFIG.arch), recipe=recipe,
+    # Absolute paths: --resume may run from another working directory.
+    weights = args.weights if args.weights in (None, "torchvision") else os.path.abspath(args.weights)
+    return TrainConfig(data=os.path.abspath(args.data), arch=pick("arch", CONFIG.arch), recipe=recipe, weights=weights,
                        **{name: pick(name, getattr(CONFIG, name))
-                          for name in ("seed", "resize", "crop", "ten_crop", "width", "weights", "save_every")})
+                          for name in ("seed", "resize", "crop", "ten_crop", "width", "save_every")})
 
 
 def check_sizes(config: TrainConfig) -> None:
