@@ -12,6 +12,8 @@ Environment switches:
                             dynamically, which the build checks
 
 Build against the installed torch: pip install --no-build-isolation .
+Everything above is decided, printed and written (zfkernels/_build_info.json) when the build
+command runs; reading this file for metadata (python setup.py --version, pip show) does none of it.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
-from setuptools import setup
+import torch
+from setuptools import Extension, setup
+from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"  # Turing, Ampere, Ada, Hopper (+ PTX for newer GPUs)
@@ -82,45 +86,49 @@ def nvcc_version(cuda_home: str) -> str:
     return match.group(1) if match else "unknown"
 
 
-cuda_home = None if os.environ.get("ZFK_CPU_ONLY") == "1" else resolve_cuda_home()
-if cuda_home:
-    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
-    os.environ["CUDA_HOME"] = cuda_home
-    archs = os.environ.get("ZFK_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-import torch  # noqa: E402
-
-sources = [str(Path("csrc") / "zfkernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for 2.14)
-info = {"cpu": True, "cuda": False, "cuda_version": None, "cuda_archs": [], "torch": torch.__version__}
-
-if cuda_home:
-    version = nvcc_version(cuda_home)
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    if os.environ.get("ZFK_PTXAS_VERBOSE") == "1":
-        nvcc_flags.append("-Xptxas=-v")
-    include_dirs = pip_cuda_includes(cuda_home)
-    if include_dirs:
-        say(f"toolkit lacks cuSPARSE/cuBLAS headers; using torch's pip-installed ones: {', '.join(include_dirs)}")
-    info.update(cuda=True, cuda_version=version, cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"].split(";"))
-    say(f"CUDA kernels: yes (toolkit {cuda_home}, nvcc {version}, architectures {os.environ['TORCH_CUDA_ARCH_LIST']})")
-    extension = CUDAExtension(
-        "zfkernels._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
-        py_limited_api=False,
-    )
-else:
-    reason = "ZFK_CPU_ONLY=1" if os.environ.get("ZFK_CPU_ONLY") == "1" else "no CUDA toolkit found"
-    say(f"CUDA kernels: no ({reason}); building the CPU kernels only")
-    extension = CppExtension(
-        "zfkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
-    )
-
+def configure(extension: Extension) -> Dict[str, object]:
+    """Decide CUDA or CPU-only now, when the build command runs, and print the decision: fill
+    ``extension`` in (the sources, flags and libraries torch's ``CUDAExtension`` or
+    ``CppExtension`` gives) and return what ``zfkernels/_build_info.json`` records."""
+    cpu_only = os.environ.get("ZFK_CPU_ONLY") == "1"
+    cuda_home = None if cpu_only else resolve_cuda_home()
+    sources = [str(Path("csrc") / "zfkernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for 2.14)
+    info = {"cpu": True, "cuda": False, "cuda_version": None, "cuda_archs": [], "torch": torch.__version__}
+    if cuda_home:
+        # torch read $CUDA_HOME once, when cpp_extension was imported, and guessed from PATH
+        # where it was unset; its compile and link steps use this module global.
+        os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home
+        archs = os.environ.get("ZFK_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch when it writes the nvcc flags
+        version = nvcc_version(cuda_home)
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        if os.environ.get("ZFK_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")
+        include_dirs = pip_cuda_includes(cuda_home)
+        if include_dirs:
+            say(f"toolkit lacks cuSPARSE/cuBLAS headers; using torch's pip-installed ones: {', '.join(include_dirs)}")
+        info.update(cuda=True, cuda_version=version, cuda_archs=archs.split(";"))
+        say(f"CUDA kernels: yes (toolkit {cuda_home}, nvcc {version}, architectures {archs})")
+        built = cpp_extension.CUDAExtension(
+            extension.name,
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    else:
+        say(f"CUDA kernels: no ({'ZFK_CPU_ONLY=1' if cpu_only else 'no CUDA toolkit found'}); building the CPU kernels only")
+        built = cpp_extension.CppExtension(extension.name, sources, extra_compile_args={"cxx": cxx_flags},
+                                           extra_link_args=["-fopenmp"])
+    # setuptools has already finalised ``extension`` (its output file name, its stub flags: the
+    # underscored attributes); it keeps those and takes the build settings decided here.
+    for key, value in vars(built).items():
+        if not key.startswith("_"):
+            setattr(extension, key, value)
+    say(f"torch {torch.__version__}; sources: {', '.join(extension.sources)}")
+    return info
 
 
 def check_shared_cxx_runtime(library: Path) -> None:
@@ -144,18 +152,30 @@ def check_shared_cxx_runtime(library: Path) -> None:
     )
 
 
-class BuildAndCheck(BuildExtension):
-    """torch's ``BuildExtension``, then :func:`check_shared_cxx_runtime` on what it built."""
+class BuildAndCheck(cpp_extension.BuildExtension):
+    """torch's ``BuildExtension``, deciding CUDA or CPU-only (:func:`configure`) and recording it
+    in ``zfkernels/_build_info.json`` when it runs, and checking what it built with
+    :func:`check_shared_cxx_runtime`. Nothing happens when setup.py is only read for metadata
+    (``python setup.py --version``, ``pip show``, an sdist)."""
+
+    def run(self) -> None:
+        text = json.dumps(configure(self.extensions[0]), indent=2) + "\n"
+        super().run()
+        # Written once the library is built, so that it always describes the library present.
+        (ROOT / "zfkernels" / "_build_info.json").write_text(text)
+        if not self.inplace:  # build_py has copied the package already; the wheel takes this copy
+            built = Path(self.build_lib) / "zfkernels"
+            built.mkdir(parents=True, exist_ok=True)
+            (built / "_build_info.json").write_text(text)
 
     def build_extension(self, ext) -> None:
         super().build_extension(ext)
         check_shared_cxx_runtime(Path(self.get_ext_fullpath(ext.name)))
 
 
-say(f"torch {torch.__version__}; sources: {', '.join(extension.sources)}")
-(ROOT / "zfkernels" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-setup(
-    ext_modules=[extension],
-    cmdclass={"build_ext": BuildAndCheck},
-)
+if __name__ == "__main__":  # (pip and setuptools run this file as __main__; tests import it)
+    setup(
+        # What to build is decided by BuildAndCheck when it runs; until then, the CPU sources.
+        ext_modules=[Extension("zfkernels._C", [str(Path("csrc") / "zfkernels.cpp")])],
+        cmdclass={"build_ext": BuildAndCheck},
+    )
