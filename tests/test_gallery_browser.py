@@ -53,7 +53,7 @@ def images_loaded(tmp_path: Path, page: Path) -> tuple:
     source = page.read_text("utf-8").replace('loading="lazy"', 'loading="eager"')
     copy.write_text(source.replace("</body>", CHECK + "</body>"), encoding="utf-8")
     try:
-        dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()).stdout
+        dom = chromium(tmp_path, "--virtual-time-budget=30000", "--dump-dom", copy.as_uri()).stdout  # (virtual: idle time is skipped)
     finally:
         copy.unlink()
     found = re.search(r'<pre id="zfk-image-check">(\d+)/(\d+)</pre>', dom)
