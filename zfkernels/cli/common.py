@@ -8,9 +8,12 @@ it as one line and exits with status 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import shlex
+import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +21,7 @@ import torch.nn as nn
 from .. import models
 from ..errors import UsageError
 from ..job.console import say
+from ..job.io import OUTPUT_MARKER, atomic_write_text
 from ..models import untrained_warning
 
 ARCHS = tuple(models.ARCHITECTURES)  # the zoo; --arch also takes torchvision's builders and module:callable
@@ -142,9 +146,10 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_index_list(text: str, what: str) -> List[int]:
-    """``"0-15,20,31"`` -> ``[0, ..., 15, 20, 31]`` (sorted, without repeats). Ranges are inclusive."""
-    picked = set()
+def index_ranges(text: str, what: str) -> List[Tuple[int, int]]:
+    """``"0-15,20"`` -> ``[(0, 15), (20, 20)]``: the inclusive ranges of a list of numbers and
+    ranges, checked but not expanded (``0-1000000000`` costs nothing)."""
+    ranges = []
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -153,15 +158,28 @@ def parse_index_list(text: str, what: str) -> List[int]:
         try:
             first = int(low)
             last = int(high) if dash else first
-        except ValueError:
-            raise UsageError(f"{what}: {part!r} is not a non-negative number or a range like 0-15") from None
+        except ValueError:  # (also a number of thousands of digits: Python refuses to convert it)
+            raise UsageError(f"{what}: {quoted(part)} is not a non-negative number or a range like 0-15") from None
         if first < 0 or last < 0:
-            raise UsageError(f"{what}: {part!r} is negative")
+            raise UsageError(f"{what}: {quoted(part)} is negative")
         if last < first:
-            raise UsageError(f"{what}: empty range {part!r} (write low-high with low <= high)")
+            raise UsageError(f"{what}: empty range {quoted(part)} (write low-high with low <= high)")
+        ranges.append((first, last))
+    if not ranges:
+        raise UsageError(f"{what}: no numbers in {quoted(text)}")
+    return ranges
+
+
+def parse_index_list(text: str, what: str, limit: Optional[int] = None) -> List[int]:
+    """``"0-15,20,31"`` -> ``[0, ..., 15, 20, 31]`` (sorted, without repeats). Ranges are inclusive.
+    With ``limit``, every number must be below it, which is checked before the list is built."""
+    ranges = index_ranges(text, what)
+    largest = max(last for _, last in ranges)
+    if limit is not None and largest >= limit:
+        raise UsageError(f"{what}: {largest} is out of range (0-{limit - 1})")
+    picked = set()
+    for first, last in ranges:
         picked.update(range(first, last + 1))
-    if not picked:
-        raise UsageError(f"{what}: no numbers in {text!r}")
     return sorted(picked)
 
 
@@ -222,27 +240,94 @@ def check_engine_runs(arch: str, model: nn.Module) -> None:
 # -- output folders ----------------------------------------------------------------------------
 
 
-def prepare_out(out: Path, *, marker: str = ".zfk") -> Path:
-    """Create ``out`` (and its parents) and make sure files can be written in it. A folder that
-    exists, holds other files and was not made by zfk is refused (it will not be mixed into)."""
+LOCK_FILE = ".zfk.lock"
+# The output folders this process holds the lock of: resolved path -> the lock file's descriptor
+# (kept open: the lock lasts until the process ends, and the kernel drops it however it ends).
+_HELD: Dict[str, int] = {}
+
+
+def prepare_out(out: Path, *, marker: str = OUTPUT_MARKER, files: Sequence[str] = (),
+                folders: Sequence[str] = ()) -> Path:
+    """Create ``out`` (and its parents), make sure files can be written in it, and lock it for
+    this process. A folder that exists, holds other files and was not made by zfk is refused (it
+    will not be mixed into), and so is one holding a symbolic link anywhere (zfk never writes
+    through a link in its output folder), one where a name of ``files`` (relative paths the
+    command writes) is not a file or one of ``folders`` not a folder, and one that another zfk
+    run holds (the message names it). Everything is checked before anything is written."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir():
+        _check_existing_out(out, marker, files, folders)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: the folder is not writable")
-    stamp = out / marker
-    if not stamp.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out}: the folder holds other files and is not a zfk output folder; choose an empty or new one")
+    lock_out(out)
     try:
-        stamp.write_text("a zfk output folder\n")
+        atomic_write_text(out / marker, "a zfk output folder\n")
     except OSError as error:
         raise UsageError(f"--out {out}: the folder is not writable ({error.strerror or error})") from None
     return out
 
+
+def _check_existing_out(out: Path, marker: str, files: Sequence[str], folders: Sequence[str]) -> None:
+    """What an existing ``--out`` must satisfy before zfk writes into it (see :func:`prepare_out`)."""
+    try:
+        stamp = os.lstat(out / marker)
+    except FileNotFoundError:
+        stamp = None
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot read the folder ({error.strerror or error})") from None
+    try:
+        if stamp is None and any(out.iterdir()):
+            raise UsageError(f"--out {out}: the folder holds other files and is not a zfk output folder; "
+                             "choose an empty or new one")
+        for folder, names, filenames in os.walk(out):  # (never follows links)
+            for name in names + filenames:
+                if os.path.islink(os.path.join(folder, name)):
+                    raise UsageError(f"--out {out}: {os.path.join(folder, name)} is a symbolic link; zfk never "
+                                     "writes through a link in its output folder (remove it)")
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot read the folder ({error.strerror or error})") from None
+    for name in (marker, LOCK_FILE, *files):
+        if os.path.lexists(out / name) and not (out / name).is_file():
+            raise UsageError(f"--out {out}: {out / name} is not a file, and zfk writes a file there (remove it)")
+    for name in folders:
+        if os.path.lexists(out / name) and not (out / name).is_dir():
+            raise UsageError(f"--out {out}: {out / name} is not a folder, and zfk writes a folder there (remove it)")
+
+
+def lock_out(out: Path) -> None:
+    """Lock ``out`` for this process (``flock`` on :data:`LOCK_FILE` inside it), or refuse with
+    the pid and command of the run that holds it. The lock ends with the process (a crash or a
+    kill included); a process may take it again."""
+    path = out / LOCK_FILE
+    key = os.path.realpath(out)
+    held = _HELD.get(key)
+    if held is not None:
+        try:
+            if os.path.samestat(os.fstat(held), os.lstat(path)):
+                return
+        except OSError:
+            pass
+        os.close(_HELD.pop(key))  # the folder was removed or replaced since: lock the new one
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create its lock file {path} ({error.strerror or error})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that has not said which"
+        os.close(fd)
+        raise UsageError(f"--out {out}: another zfk run is writing into this folder ({holder}); "
+                         "wait for it to end or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: {shlex.join(['zfk', *sys.argv[1:]])}\n".encode("utf-8", "replace"), 0)
+    _HELD[key] = fd
 
 
 # -- what the diagnostics' commands share -------------------------------------------------------

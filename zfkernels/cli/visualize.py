@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -27,18 +29,19 @@ from ..deconvnet import MODES, Deconvnet
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery
-from ..job.checkpoint import ScanState
+from ..job.checkpoint import CheckpointError, ScanState
 from ..job.console import progress_bar, say
 from ..job.distributed import Distributed, init_distributed
 from ..job.io import atomic_write_text
-from ..job.project import project_selections, selected_images
-from ..job.scan import ScanInterrupted, ScanPlan, num_channels, result_from_state, run_scan
+from ..job.project import ProjectionResult, project_selections, selected_images
+from ..job.scan import ScanInterrupted, ScanPlan, ScanResult, map_sizes, num_channels, result_from_state, run_scan
 from ..models import untrained_warning
-from .common import (add_model_options, add_quiet_option, load_model, non_negative_int, parse_index_list, positive_int,
-                     prepare_out, resolve_device)
+from .common import (add_model_options, add_quiet_option, batch_size_int, index_ranges, load_model, non_negative_int,
+                     parse_index_list, positive_int, prepare_out, quoted, resolve_device)
 
 T = TypeVar("T")
 DEFAULT_OUT = "zfk-out"
+DEFAULT_TOP = 9  # the paper's 3x3 grids
 CHECKPOINT = "checkpoint.pt"
 DESCRIPTION = """\
 For every feature map of the chosen layers: the K strongest activations across the images of
@@ -69,11 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     parser.add_argument("--layers", metavar="LIST",
                         help="comma-separated conv layers, e.g. conv1,conv5 (VGG16: conv5_3). Default: every conv layer")
-    parser.add_argument("--top", type=positive_int, default=9, metavar="K",
-                        help="activations per feature map, one per image (default: 9)")
+    parser.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
+                        help=f"activations per feature map, one per image, so at most the number of images "
+                             f"(default: {DEFAULT_TOP})")
     parser.add_argument("--features", metavar="LIST",
                         help="which feature maps of each layer: numbers and inclusive ranges, e.g. 0-15,40. Default: all")
-    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
+    parser.add_argument("--batch-size", type=batch_size_int, default=64, metavar="N",
                         help="images per forward pass (default: 64). Part of the checkpoint: --resume needs the same")
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="decoding processes (default: the CPU count, at most 8 on the CPU, where they share the cores with the "
@@ -108,21 +112,31 @@ def resolve_layers(model: nn.Module, text: Optional[str]) -> List[str]:
         raise UsageError("--layers: no layer names given")
     unknown = [name for name in asked if name not in names]
     if unknown:
-        raise UsageError(f"--layers: unknown layer {unknown[0]!r}; this network has {', '.join(names)}")
+        raise UsageError(f"--layers: unknown layer {quoted(unknown[0])}; this network has {', '.join(names)}")
     return [name for name in names if name in asked]
 
 
 def resolve_features(model: nn.Module, layers: Sequence[str], text: Optional[str]) -> Dict[str, torch.Tensor]:
-    """Feature maps per layer: all, or ``--features`` (each must exist in every chosen layer)."""
+    """Feature maps per layer: all, or ``--features`` (each must exist in every chosen layer;
+    checked on the ranges, before any list is built)."""
     counts = num_channels(model)
     if text is None:
         return {name: torch.arange(counts[name], dtype=torch.int64) for name in layers}
-    picked = parse_index_list(text, "--features")
+    largest = max(last for _, last in index_ranges(text, "--features"))
     for name in layers:
-        if picked[-1] >= counts[name]:
-            raise UsageError(f"--features: {picked[-1]} is out of range for {name}, which has {counts[name]} feature maps "
-                           f"(0-{counts[name] - 1})")
+        if largest >= counts[name]:
+            raise UsageError(f"--features: {largest} is out of range for {name}, which has {counts[name]} feature maps "
+                             f"(0-{counts[name] - 1})")
+    picked = parse_index_list(text, "--features", limit=min(counts[name] for name in layers))
     return {name: torch.tensor(picked, dtype=torch.int64) for name in layers}
+
+
+def resolve_top(top: int, images: int) -> int:
+    """``--top``: one entry per image per map, so at most the number of images (or the default
+    9, for folders with fewer)."""
+    if top > max(images, DEFAULT_TOP):
+        raise UsageError(f"--top {top}: more than the {images} images of the run (each map keeps one entry per image)")
+    return top
 
 
 def resolve_images(data: Optional[str], limit: Optional[int], out: Path) -> Tuple[data_mod.ImageList, str]:
@@ -131,9 +145,7 @@ def resolve_images(data: Optional[str], limit: Optional[int], out: Path) -> Tupl
         images = data_mod.sample_images()
         if not images.files:
             raise UsageError("no --data given and the sample photographs installed with zfkernels are missing; pass --data DIR")
-        if limit is not None:
-            images.files = images.files[:limit]
-        return images, "sample photographs installed with zfkernels (public domain and CC0; not ImageNet)"
+        return images.first(limit), "sample photographs installed with zfkernels (public domain and CC0; not ImageNet)"
     root = Path(data)
     if not root.exists():
         raise UsageError(f"--data {data}: no such folder")
@@ -161,7 +173,9 @@ def weights_digest(weights: Optional[str]) -> Optional[str]:
 
 def fingerprint(args: argparse.Namespace, images: data_mod.ImageList, layers: Sequence[str],
                 channels: Dict[str, torch.Tensor], decoder: str, dtype: torch.dtype) -> Dict[str, object]:
-    """Everything pass 1's result depends on; ``--resume`` refuses a checkpoint that differs."""
+    """Everything pass 1's result depends on; ``--resume`` refuses a checkpoint that differs.
+    The images are identified by their names and, apart, by the resolved folder and each file's
+    size and modification time (another folder with the same names, a file rewritten)."""
     names = hashlib.sha256("\0".join(images.files).encode("utf-8", "surrogateescape")).hexdigest()
     return {
         "arch": args.arch,
@@ -169,6 +183,7 @@ def fingerprint(args: argparse.Namespace, images: data_mod.ImageList, layers: Se
         "seed": None if args.weights else args.seed,
         "images": len(images.files),
         "image_names": names,
+        "image_files": images.identity(),
         "layers": list(layers),
         "features": {name: channels[name].tolist() for name in layers},
         "top": args.top,
@@ -182,7 +197,39 @@ def _differences(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
     return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
+def out_files(layers: Sequence[str]) -> List[str]:
+    """The files a run writes into ``--out`` (each must be a file there if it exists)."""
+    fixed = ["index.html", "topk.json", "run.json", "skipped.txt", CHECKPOINT]
+    return fixed + [gallery.layer_page(layer) for layer in layers] + [gallery.montage_png(layer) for layer in layers]
+
+
 # -- the job -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """A run with every argument checked and the output folder ready: what :func:`prepare`
+    gives the stages."""
+
+    args: argparse.Namespace
+    device: torch.device
+    distributed: Distributed
+    quiet: bool
+    out: Path
+    source: str
+    model: nn.Module
+    decoder: str
+    workers: int
+    plan: ScanPlan
+    resume: Optional[ScanState]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT
+
+    @property
+    def images(self) -> data_mod.ImageList:
+        return self.plan.images
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,16 +241,39 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     distributed = init_distributed(device)
-    quiet = args.quiet or distributed.rank != 0
     try:
-        return _run(args, device, distributed, quiet, began)
+        job = prepare(args, device, distributed, args.quiet or distributed.rank != 0)
+        try:
+            scan = pass_1(job)
+        except ScanInterrupted as stop:
+            print(f"zfk visualize: interrupted by {stop}; pass 1 checkpoint written to {job.checkpoint}. "
+                  "Run the same command with --resume to finish.", file=sys.stderr)
+            return 128 + int(stop.signum)
+        except data_mod.WorkersFailed as failure:
+            print(f"zfk visualize: error: pass 1 stopped: {failure}. The last checkpoint is in {job.checkpoint}: "
+                  "run the same command with --resume to go on.", file=sys.stderr)
+            return 1
+        if distributed.rank != 0:
+            return 0  # pass 2 and the gallery are rank 0's (they touch only K x maps images)
+        pass1_memory = _peak_memory(device)  # pass 1's peak: what must not grow with the dataset
+        try:
+            projected = pass_2(job, scan)
+        except data_mod.WorkersFailed as failure:
+            print(f"zfk visualize: error: pass 2 stopped: {failure}. Pass 1 is complete in {job.checkpoint}: "
+                  "run the same command with --resume to go on.", file=sys.stderr)
+            return 1
+        summary = render(job, scan, projected, pass1_memory, began)
+        _print_summary(job.out, summary, args.weights is None)
+        return 0
     finally:
         if distributed.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, device: torch.device, distributed: Distributed, quiet: bool, began: float) -> int:
-    # Every argument is checked before anything is written.
+def prepare(args: argparse.Namespace, device: torch.device, distributed: Distributed, quiet: bool) -> Job:
+    """Check every argument against what the model and the data allow, then (nothing was
+    written before) prepare the output folder: lock it, read the checkpoint to resume from, or
+    clear the previous run's gallery."""
     out = Path(args.out)
     images, source = resolve_images(args.data, args.limit, out)
     try:
@@ -212,91 +282,102 @@ def _run(args: argparse.Namespace, device: torch.device, distributed: Distribute
         raise UsageError(str(error) if str(error).startswith("--") else f"--weights: {error}") from None
     layers = resolve_layers(model, args.layers)
     channels = resolve_features(model, layers, args.features)
+    top = resolve_top(args.top, len(images.files))
     decoder = _pick_decoder(args.decoder, device)
-    if args.checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every: must be at least 0 seconds, got {args.checkpoint_every}")
-    out = _on_rank_0(distributed, lambda: prepare_out(out))
+    if not 0 <= args.checkpoint_every < math.inf:
+        raise UsageError(f"--checkpoint-every: must be a number of seconds, at least 0, got {args.checkpoint_every}")
+    dtype = next(model.parameters()).dtype
+    slots = data_mod.Slots(len(images.files), args.batch_size)
+    plan = ScanPlan(images, slots, layers, channels, top, fingerprint(args, images, layers, channels, decoder, dtype))
+    # More workers than batches would only wait.
+    default_workers = min(32 if device.type == "cuda" else 8, os.cpu_count() or 1)
+    workers = min(args.workers if args.workers is not None else default_workers, slots.num_slots)
+
+    # The output folder: only rank 0 touches it (and holds its lock); every process gets the
+    # result, or stops on rank 0's error.
+    out = _on_rank_0(distributed, lambda: prepare_out(out, files=out_files(layers),
+                                                           folders=["layers", *(f"layers/{layer}" for layer in layers)]))
+    resume = _on_rank_0(distributed, lambda: _load_resume(args.resume, out / CHECKPOINT, plan, model, quiet))
+    if distributed.rank == 0 and resume is None:
+        _clear_previous(out)
     if args.weights is None:
         say(untrained_warning(args.arch, args.seed), distributed.rank != 0)
-    workers = args.workers if args.workers is not None else min(32 if device.type == "cuda" else 8, os.cpu_count() or 1)
-    dtype = next(model.parameters()).dtype
-    plan = ScanPlan(images, data_mod.Slots(len(images.files), args.batch_size), layers, channels, args.top,
-                    fingerprint(args, images, layers, channels, decoder, dtype))
-    checkpoint = out / CHECKPOINT
-    resume_state = _on_rank_0(distributed, lambda: _load_resume(args.resume, checkpoint, plan.fingerprint, quiet))
-    if distributed.rank == 0 and resume_state is None:
-        _clear_previous(out)
+    return Job(args, device, distributed, quiet, out, source, model, decoder, workers, plan, resume)
 
-    # Pass 1.
-    if resume_state is not None and resume_state.complete:
-        say("pass 1: complete in the checkpoint; going straight to pass 2", quiet)
-        scan = result_from_state(resume_state)
-    else:
-        done = len(resume_state.done) if resume_state else 0
-        remaining = len(images.files) - sum(len(plan.slots.indices(s)) for s in (resume_state.done if resume_state else []))
-        if resume_state is not None:
-            say(f"pass 1: resuming after {done} of {plan.slots.num_slots} batches", quiet)
-        try:
-            with progress_bar(remaining, "pass 1 (scan)", "img", quiet) as bar:
-                scan = run_scan(model, plan, device, workers=workers, gpu_jpeg=decoder == "nvjpeg", checkpoint=checkpoint,
-                                checkpoint_every=args.checkpoint_every, resume=resume_state, distributed=distributed,
-                                progress=bar.update)
-        except ScanInterrupted as stop:
-            print(f"zfk visualize: interrupted by {stop}; pass 1 checkpoint written to {checkpoint}. "
-                  "Run the same command with --resume to finish.", file=sys.stderr)
-            return 128 + int(stop.signum)
-    if distributed.rank != 0:
-        return 0  # pass 2 and the gallery are rank 0's (they touch only K x maps images)
 
-    pass1_memory = _peak_memory(device)  # pass 1's peak: what must not grow with the dataset
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def pass_1(job: Job) -> ScanResult:
+    """The scan (or its result from a complete checkpoint)."""
+    resume, plan = job.resume, job.plan
+    if resume is not None and resume.complete:
+        say("pass 1: complete in the checkpoint; going straight to pass 2", job.quiet)
+        return result_from_state(resume)
+    done = resume.done if resume is not None else []
+    if resume is not None:
+        say(f"pass 1: resuming after {len(done)} of {plan.slots.num_slots} batches", job.quiet)
+    remaining = len(job.images.files) - sum(len(plan.slots.indices(s)) for s in done)
+    with progress_bar(remaining, "pass 1 (scan)", "img", job.quiet) as bar:
+        return run_scan(job.model, plan, job.device, workers=job.workers, gpu_jpeg=job.decoder == "nvjpeg",
+                        checkpoint=job.checkpoint, checkpoint_every=job.args.checkpoint_every, resume=resume,
+                        distributed=job.distributed, progress=bar.update)
 
-    # Pass 2.
-    with progress_bar(len(selected_images(scan.layers)), "pass 2 (project)", "img", quiet) as bar:
-        projected = project_selections(model, scan.layers, images, device, batch_size=args.batch_size, workers=workers,
-                                       gpu_jpeg=decoder == "nvjpeg", mode=args.mode, progress=bar.update)
 
-    # The gallery.
+def pass_2(job: Job, scan: ScanResult) -> ProjectionResult:
+    """The deconvnet projections of every selection (rank 0)."""
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    with progress_bar(len(selected_images(scan.layers)), "pass 2 (project)", "img", job.quiet) as bar, \
+            data_mod.worker_guard():
+        return project_selections(job.model, scan.layers, job.images, job.device, batch_size=job.args.batch_size,
+                                  workers=job.workers, gpu_jpeg=job.decoder == "nvjpeg", mode=job.args.mode,
+                                  progress=bar.update)
+
+
+def render(job: Job, scan: ScanResult, projected: ProjectionResult, pass1_memory: Dict[str, Optional[float]],
+           began: float) -> Dict[str, object]:
+    """The gallery, ``topk.json``, ``skipped.txt`` and ``run.json``, then ``index.html`` last;
+    returns the run's summary."""
+    args, out, files = job.args, job.out, job.images.files
     rendering = time.perf_counter()
-    skipped = _skipped_entries(images, scan.skipped, projected.failures)
+    skipped = _skipped_entries(job.images, scan.skipped, projected.failures)
     untrained = args.weights is None
     info = gallery.RunInfo(
-        arch=args.arch, weights=args.weights, untrained=untrained, data=source,
-        preprocess=data_mod.preprocess_description(decoder), top=args.top, images=scan.scanned,
+        arch=args.arch, weights=args.weights, untrained=untrained, data=job.source,
+        preprocess=data_mod.preprocess_description(job.decoder), top=job.plan.top, images=scan.scanned,
         skipped=len(skipped), mode=args.mode,
         notes=[] if not untrained else [f"Random network seed: {args.seed}."],
     )
-    dn = Deconvnet(model)
-    crop = (data_mod.CROP, data_mod.CROP)
-    document = gallery.topk_document(args.arch, args.weights, info.preprocess, scan.layers, images.files,
-                                     lambda layer, y, x: dn.receptive_field(layer, y, x, crop))
-    document["untrained"] = untrained
-    document["mode"] = args.mode
-    total_maps = sum(top.channels.numel() for top in scan.layers.values())
-    with progress_bar(total_maps, "render", "map", quiet) as bar:
+    layers = job.plan.layers
+    with progress_bar(sum(top.channels.numel() for top in scan.layers.values()), "render", "map", job.quiet) as bar:
         for layer in layers:
-            gallery.render_layer(out, layer, scan.layers[layer], projected.tiles[layer], images.files, info, layers,
-                                 bar.update)
-    gallery.write_topk(out, document)
+            gallery.render_layer(out, layer, scan.layers[layer], projected.tiles[layer], files, info, layers, bar.update)
+    gallery.write_topk(out, _topk_document(job, scan, info))
     gallery.write_skipped(out, skipped)
-    stages = _stage_times(scan, projected, time.perf_counter() - rendering)
     summary = {
-        "images": len(images.files),
+        "images": len(files),
         "scanned": scan.scanned,
         "skipped": len(skipped),
         "selected_images": projected.images,
         "projections": projected.projections,
-        "device": str(device),
-        "processes": distributed.world,
-        "seconds": {**stages, "total": time.perf_counter() - began},
+        "device": str(job.device),
+        "processes": job.distributed.world,
+        "seconds": {**_stage_times(scan, projected, time.perf_counter() - rendering),
+                    "total": time.perf_counter() - began},
         "pass1_images_per_second": scan.images_this_run / scan.seconds if scan.seconds else None,
-        "peak_memory_mb": {"pass 1": pass1_memory, "whole run": _peak_memory(device)},
+        "peak_memory_mb": {"pass 1": pass1_memory, "whole run": _peak_memory(job.device)},
     }
     atomic_write_text(out / "run.json", json.dumps(summary, indent=1) + "\n")
-    gallery.render_index(out, scan.layers, projected.tiles, info, num_channels(model))
-    _print_summary(out, summary, untrained)
-    return 0
+    gallery.render_index(out, scan.layers, projected.tiles, info, num_channels(job.model))
+    return summary
+
+
+def _topk_document(job: Job, scan: ScanResult, info: gallery.RunInfo) -> Dict[str, object]:
+    """``topk.json``'s content, whole: the selections with their receptive fields, and how they
+    were made."""
+    dn = Deconvnet(job.model)
+    crop = (data_mod.CROP, data_mod.CROP)
+    selections = gallery.topk_document(info.arch, info.weights, info.preprocess, scan.layers, job.images.files,
+                                       lambda layer, y, x: dn.receptive_field(layer, y, x, crop))
+    return {**selections, "untrained": info.untrained, "mode": info.mode}
 
 
 class _StoppedElsewhere(UsageError):
@@ -331,7 +412,9 @@ def _pick_decoder(choice: str, device: torch.device) -> str:
     return "nvjpeg" if available else "pillow"
 
 
-def _load_resume(resume: bool, checkpoint: Path, expected: Dict[str, object], quiet: bool) -> Optional[ScanState]:
+def _load_resume(resume: bool, checkpoint: Path, plan: ScanPlan, model: nn.Module, quiet: bool) -> Optional[ScanState]:
+    """The checkpoint to resume from: it must have been made with the same settings and data,
+    and its content must be what a scan of ``plan`` can have written."""
     if not resume:
         return None
     if not checkpoint.is_file():
@@ -339,12 +422,17 @@ def _load_resume(resume: bool, checkpoint: Path, expected: Dict[str, object], qu
         return None
     try:
         state = ScanState.load(checkpoint)
-    except ValueError as error:
+    except CheckpointError as error:
         raise UsageError(f"--resume: {error}") from None
-    differ = _differences(state.fingerprint, expected)
+    differ = _differences(state.fingerprint, plan.fingerprint)
     if differ:
-        raise UsageError(f"--resume: the checkpoint in {checkpoint.parent} was made with other settings "
-                       f"({', '.join(differ)} differ); rerun with the same arguments, or without --resume to start over")
+        raise UsageError(f"--resume: the checkpoint in {checkpoint.parent} was made with other settings or data "
+                         f"({', '.join(differ)} differ); rerun with the same arguments, or without --resume to start over")
+    try:
+        state.check(count=plan.slots.count, slot_size=plan.slots.size, top=plan.top, channels=plan.channels,
+                    map_sizes=map_sizes(model, plan.layers))
+    except CheckpointError as error:
+        raise UsageError(f"--resume: checkpoint {checkpoint} {error}") from None
     return state
 
 
@@ -352,7 +440,8 @@ def _clear_previous(out: Path) -> None:
     """A fresh run: remove the previous run's finished marks first, so a half-finished folder is
     never taken for a complete gallery (``index.html`` comes back last)."""
     # Also the previous run's pages and pictures (another set of layers would leave stale ones),
-    # and temporary files of writes that a kill interrupted.
+    # and temporary files of writes that a kill interrupted. (prepare_out made sure that none of
+    # these is a link or a folder.)
     finished = [out / name for name in ("index.html", "topk.json", "run.json", CHECKPOINT)]
     for path in finished + list(out.glob("layer-*.html")) + list(out.glob(".*.tmp")):
         path.unlink(missing_ok=True)

@@ -17,15 +17,22 @@ workers only read the file bytes; anything nvjpeg refuses falls back to Pillow o
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
+import hashlib
 import io
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
+import stat
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -77,67 +84,113 @@ def image_extensions() -> frozenset:
 @dataclass
 class ImageList:
     """The images of a run: ``files`` are POSIX paths relative to ``root``, sorted; ``ignored``
-    lists files that were not considered at all, with the reason."""
+    lists files that were not considered at all, with the reason; ``stamps`` holds each file's
+    ``(size, mtime_ns)`` as discovery saw it (what :meth:`identity` digests)."""
 
     root: Path
     files: List[str]
     ignored: List[Tuple[str, str]] = field(default_factory=list)
+    stamps: List[Tuple[int, int]] = field(default_factory=list)
 
     def path(self, index: int) -> Path:
         return self.root / self.files[index]
+
+    def first(self, limit: Optional[int]) -> "ImageList":
+        """The first ``limit`` images (all when ``None``)."""
+        if limit is None:
+            return self
+        return ImageList(self.root, self.files[:limit], self.ignored, self.stamps[:limit])
+
+    def identity(self) -> str:
+        """SHA-256 of what identifies these images cheaply: the resolved root, and each file's
+        name, size and modification time (one ``stat`` per file, taken at discovery). Another
+        folder whose files have the same names, or a file rewritten since, gives another digest."""
+        stamps = self.stamps if len(self.stamps) == len(self.files) else [_stamp(self.root / f) for f in self.files]
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.root)) + b"\0")
+        for name, (size, mtime) in zip(self.files, stamps):
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\0%d\0%d\n" % (size, mtime))
+        return digest.hexdigest()
+
+
+def _stamp(path: Path) -> Tuple[int, int]:
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` lies in the resolved folder ``root``."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def discover(root: Path, limit: Optional[int] = None, exclude: Optional[Path] = None) -> ImageList:
     """Find image files under ``root`` recursively (a flat folder such as ImageNet's val, or class
     subfolders), sorted by relative path; the first ``limit`` of them when given.
 
-    Files whose extension is no image format Pillow opens, and hidden files, are listed in
-    ``ignored``; hidden folders and ``exclude`` (the output folder, when it lies inside the
-    data) are not entered. Symbolic links to files are followed; so are links to folders
-    (datasets are often assembled from links), each folder being scanned once: the real tree
-    first, then linked folders in sorted order, skipping any folder already scanned (so a link
-    back up the tree is no cycle, and two paths to one folder do not list its images twice)."""
+    Files whose extension is no image format Pillow opens, hidden files, links to folders, links
+    to files outside ``root`` and second names of a file already found (another link to it, a
+    hard link) are listed in ``ignored`` with the reason; hidden folders and ``exclude`` (the
+    output folder, when it lies inside the data) are not entered. So no file is read twice and
+    nothing outside ``root`` is read: a link back up the tree (``up -> ..``), a link to
+    ``/proc/self`` or a link loop is not followed, and a dataset assembled from links to files
+    elsewhere is refused file by file rather than walked. ``root`` itself may be a link."""
     root = Path(root)
+    real_root = os.path.realpath(root)
     extensions = image_extensions()
-    skip_dir = Path(exclude).resolve() if exclude is not None else None
-    found: List[str] = []
+    skip_dir = os.path.realpath(exclude) if exclude is not None else None
+    candidates: List[Tuple[str, Tuple[int, int], Tuple[int, int]]] = []  # (relative, (dev, inode), (size, mtime))
     ignored: List[Tuple[str, str]] = []
-    scanned: set = set()
-    pending: List[Path] = [root]  # folders to walk: the root, then linked folders met on the way
+    pending: List[Tuple[str, str]] = [(str(root), "")]  # (folder, its path relative to root)
     while pending:
-        top = pending.pop(0)
-        if top.resolve() in scanned:
-            continue
-        linked: List[Path] = []
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            here = Path(dirpath)
-            scanned.add(here.resolve())
-            keep = []
-            for d in sorted(dirnames):
-                folder = here / d
-                if d.startswith(".") or (skip_dir is not None and folder.resolve() == skip_dir):
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                relative = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    # Real folders only (never a link): hidden ones and the output folder are skipped.
+                    if not entry.name.startswith(".") and os.path.realpath(entry.path) != skip_dir:
+                        pending.append((entry.path, relative + "/"))
                     continue
-                if folder.is_symlink():
-                    linked.append(folder)  # walked later, once
-                else:
-                    keep.append(d)
-            dirnames[:] = keep
-            for name in filenames:
-                relative = (here / name).relative_to(root).as_posix()
-                if name.startswith("."):
+                hidden = entry.name.startswith(".")
+                if entry.is_symlink() and os.path.isdir(entry.path):  # (False for a loop or a broken link)
+                    if not hidden:  # (as hidden folders, hidden links to folders go unmentioned)
+                        ignored.append((relative, "a link to a folder (not followed)"))
+                    continue
+                if hidden:
                     ignored.append((relative, "hidden file"))
-                elif os.path.splitext(name)[1].lower() not in extensions:
+                elif os.path.splitext(entry.name)[1].lower() not in extensions:
                     ignored.append((relative, "not an image file (extension)"))
-                elif not (here / name).is_file():
-                    ignored.append((relative, "not a regular file (or a broken link)"))
                 else:
-                    found.append(relative)
-        pending.extend(sorted(linked, key=lambda p: p.relative_to(root).as_posix()))
-    found.sort()
+                    reason, info = _image_file(entry, real_root)
+                    if reason:
+                        ignored.append((relative, reason))
+                    else:
+                        candidates.append((relative, (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)))
+    candidates.sort()
+    found: List[str] = []
+    stamps: List[Tuple[int, int]] = []
+    first_name: Dict[Tuple[int, int], str] = {}
+    for relative, inode, stamp in candidates:  # in sorted order: the first name of a file is kept
+        if inode in first_name:
+            ignored.append((relative, f"the same file as {first_name[inode]}"))
+            continue
+        first_name[inode] = relative
+        found.append(relative)
+        stamps.append(stamp)
     ignored.sort()
-    if limit is not None:
-        found = found[:limit]
-    return ImageList(root, found, ignored)
+    return ImageList(root, found, ignored, stamps).first(limit)
+
+
+def _image_file(entry: os.DirEntry, real_root: str) -> Tuple[Optional[str], Optional[os.stat_result]]:
+    """Why a file with an image extension is not used (``None``: it is), and its ``stat``."""
+    try:
+        info = entry.stat(follow_symlinks=True)
+    except OSError:
+        return "not a regular file (or a broken link)", None
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (or a broken link)", None
+    if entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
+        return "a link to a file outside the data folder (not followed)", None
+    return None, info
 
 
 def sample_images() -> ImageList:
@@ -148,7 +201,8 @@ def sample_images() -> ImageList:
     from importlib import resources
 
     root = Path(str(resources.files("zfkernels").joinpath("sample_images")))
-    return ImageList(root, discover(root).files)  # (LICENSES.txt is no skipped image)
+    found = discover(root)
+    return ImageList(root, found.files, [], found.stamps)  # (LICENSES.txt is no skipped image)
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -364,11 +418,19 @@ def _gpu_decodable(data: bytes) -> bool:
 WORKER_NICENESS = 10  # decoding workers yield the cores to the main process's forward
 
 
-def _worker_init(_: int) -> None:
-    # Ctrl-C and SIGTERM are the main process's business: it checkpoints and shuts the workers
-    # down; a worker dying on its own first would only turn that into a loader error.
+def _worker_init(stop: "multiprocessing.synchronize.Semaphore", _: int) -> None:
+    # Ctrl-C and SIGTERM (also when sent to the whole process group, as `timeout` and batch
+    # schedulers do) are the main process's business: it checkpoints, then ends the workers; a
+    # worker dying on its own first would only turn that into a loader error.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ignoring SIGTERM also makes terminate() powerless, and both the DataLoader's shutdown and
+    # multiprocessing's exit handler rely on it (the latter then joins forever). So a worker also
+    # ends as soon as the main process releases ``stop`` (end_workers, or its exit), whatever it
+    # is doing and whoever still holds the loader (an exception's traceback does). A semaphore,
+    # not an Event: an Event's set() waits for every waiter to wake, and a worker that has
+    # already exited never does.
+    threading.Thread(target=_exit_when_set, args=(stop,), name="zfk-stop", daemon=True).start()
     # Where decoding and the forward share the cores (a CPU run, or more workers than cores), a
     # preempted forward thread stalls its siblings at every barrier; decoding at a lower priority
     # fills the gaps instead (2-4% more pass-1 throughput on 2 cores, measured). The prefetched
@@ -379,6 +441,28 @@ def _worker_init(_: int) -> None:
         pass
 
 
+def _exit_when_set(stop: "multiprocessing.synchronize.Semaphore") -> None:
+    stop.acquire()
+    os._exit(0)  # status 0: the DataLoader's SIGCHLD handler takes it for an orderly exit
+
+
+# The stop semaphores of the loaders whose workers may still run, with their number of workers
+# (make_loader adds, end_workers removes).
+_LIVE_STOPS: Dict[int, Tuple["multiprocessing.synchronize.Semaphore", int]] = {}
+
+
+def _release(stop: Tuple["multiprocessing.synchronize.Semaphore", int]) -> None:
+    semaphore, workers = stop
+    for _ in range(workers):  # one for each worker (never blocks, also for workers already gone)
+        semaphore.release()
+
+
+def _end_all_workers() -> None:
+    for stop in list(_LIVE_STOPS.values()):
+        _release(stop)
+    _LIVE_STOPS.clear()
+
+
 def make_loader(
     images: ImageList,
     batches: Sequence[Tuple[int, Sequence[int]]],
@@ -387,17 +471,65 @@ def make_loader(
     gpu_jpeg: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding one :class:`Batch` per ``(id, image indices)`` of ``batches``, in
-    order, decoded in ``workers`` processes, pinned when feeding a GPU."""
+    order, decoded in ``workers`` processes, pinned when feeding a GPU.
+
+    The workers end at the latest when this process exits (even on an uncaught exception, which
+    used to leave it waiting for them forever), or earlier with :func:`end_workers`."""
+    init = None
+    if workers > 0:
+        stop = multiprocessing.get_context().Semaphore(0)
+        init = functools.partial(_worker_init, stop)
+        _LIVE_STOPS[id(init)] = (stop, workers)
+        # atexit runs the last registered first: re-registering keeps this ahead of
+        # multiprocessing's own exit handler (which joins the workers).
+        atexit.unregister(_end_all_workers)
+        atexit.register(_end_all_workers)
     return torch.utils.data.DataLoader(
         BatchDataset(images, batches, gpu_jpeg),
         batch_size=None,  # each item already is a batch
         shuffle=False,
         num_workers=workers,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=init,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+def end_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End ``loader``'s decoding workers now (they exit at once; its iterators yield no more)."""
+    init = loader.worker_init_fn
+    stop = _LIVE_STOPS.pop(id(init), None) if init is not None else None
+    if stop is not None:
+        _release(stop)
+
+
+class WorkersFailed(RuntimeError):
+    """A decoding worker died (killed, out of memory): the message is one line, for the user."""
+
+
+def is_worker_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the DataLoader reporting a worker that died (rather than an error
+    in this process): PyTorch raises a plain RuntimeError, from its SIGCHLD handler or while
+    waiting for a batch, whose message starts with this."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
+
+
+@contextlib.contextmanager
+def worker_guard(loader: Optional[torch.utils.data.DataLoader] = None) -> Iterator[None]:
+    """Around a loop over ``loader``: a worker's death becomes :class:`WorkersFailed` with a
+    one-line message, and the workers end with the block however it ends."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_worker_failure(error):
+            raise
+        message = str(error).strip().splitlines()[0]
+        raise WorkersFailed(f"a decoding worker died ({message.rstrip('. ')}); "
+                            "see the system log (the kernel's out-of-memory killer?) or use fewer --workers") from None
+    finally:
+        if loader is not None:
+            end_workers(loader)
 
 
 # -- on the device -----------------------------------------------------------------------------

@@ -234,7 +234,8 @@ def run_scan(
             return state
 
         stopped = False
-        with _stop_on_signals() as stop:
+        # A worker's death is one line (WorkersFailed); the workers end with the pass, however it ends.
+        with data_mod.worker_guard(loader), _stop_on_signals() as stop:
             batches = iter(loader)
             for step in range(steps):
                 if step < len(mine):
