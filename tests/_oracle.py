@@ -171,7 +171,7 @@ class GraphOracle:
         self.extractors: Dict[Tuple[torch.dtype, torch.device], nn.Module] = {}
         was = model.training
         try:  # a copy of the layers it uses: the swaps below must not touch the model under test
-            base = copy.deepcopy(create_feature_extractor(model.eval(), return_nodes={layer: "out"}))
+            base = copy.deepcopy(create_feature_extractor(model.eval(), return_nodes={layer: "out"})).eval()
         finally:
             model.train(was)
         _swap_modules(base, self.tape, self.state)
@@ -182,7 +182,7 @@ class GraphOracle:
         key = (dtype, device)
         if key not in self.extractors:
             shared = {id(self.tape): self.tape, id(self.state): self.state}  # one tape for both passes
-            self.extractors[key] = copy.deepcopy(self.base, memo=shared).to(device=device, dtype=dtype)
+            self.extractors[key] = copy.deepcopy(self.base, memo=shared).to(device=device, dtype=dtype).eval()
         return self.extractors[key]
 
     def __call__(self, images: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor,

@@ -20,7 +20,10 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from zfkernels.deconvnet import Deconvnet
 from zfkernels.graph import Unsupported, graph_of, layer_aliases, projectable_layers, walk
+
+from _oracle import graph_oracle, relative_error
 
 # family -> (builder keyword arguments, smallest comfortable input size, two layers to project)
 FAMILIES: Dict[str, Tuple[dict, int, Tuple[str, str]]] = {
@@ -40,10 +43,21 @@ FAMILIES: Dict[str, Tuple[dict, int, Tuple[str, str]]] = {
 
 @functools.lru_cache(maxsize=None)
 def family(name: str) -> nn.Module:
+    """The family's network with seeded random weights, and BatchNorm statistics and affine
+    parameters drawn at random too (a fresh BatchNorm is nearly the identity, which would hide
+    a wrong scale)."""
     kwargs = FAMILIES[name][0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return getattr(tvm, name)(weights=None, **kwargs).eval()
+        model = getattr(tvm, name)(weights=None, **kwargs).eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.normal_(0, 0.2)
+                    module.running_var.uniform_(0.3, 3.0)
+                    module.weight.uniform_(0.5, 2.0)
+                    module.bias.normal_(0, 0.2)
+        return model
 
 
 def images(name: str, count: int = 2) -> torch.Tensor:
@@ -140,3 +154,103 @@ def test_unknown_layer_suggests_close_names():
     graph = graph_of(family("resnet18"))
     with pytest.raises(ValueError, match=r"unknown layer 'layer1.0.relu_3'; did you mean layer1.0.relu_1, layer1.0.relu"):
         graph.resolve("layer1.0.relu_3")
+
+
+# -- projections against the float64 autograd oracle --------------------------------------------
+
+TOLERANCE = 1e-5
+
+
+def strongest(act: torch.Tensor, per_image: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, the ``per_image`` feature maps with the largest activation, at their argmax."""
+    n, _, _, w = act.shape
+    peak, where = act.flatten(2).max(dim=2)
+    rows = torch.arange(n).repeat_interleave(per_image)
+    channels = peak.topk(per_image, dim=1).indices.flatten()
+    flat = where[rows, channels]
+    return rows, channels, torch.stack([flat // w, flat % w], dim=1)
+
+
+def check_against_oracle(model: nn.Module, x: torch.Tensor, layer: str, modes=("deconvnet", "guided"),
+                         below: float = float("inf")) -> None:
+    """Selections: the strongest activations below ``below`` (a ReLU6's saturated seeds have a
+    zero guided projection, which would prove nothing)."""
+    dn = Deconvnet(model)
+    node = dn.resolve(layer)
+    rec = dn.record(x, [layer])
+    act = rec.activations[node]
+    rows, channels, positions = strongest(torch.where(act < below, act, torch.zeros_like(act)))
+    for mode in modes:
+        for pos in (positions, None):
+            ours = dn.project(rec, layer, rows, channels, pos, mode=mode)
+            want = graph_oracle(model, x, node, rows, channels, pos, mode=mode)
+            assert want.abs().sum() > 0
+            error = relative_error(ours, want)
+            what = "single" if pos is not None else "whole map"
+            assert error < TOLERANCE, f"{layer} {mode} {what}: {error:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_projections_equal_the_oracle(name):
+    model = family(name)
+    for layer in FAMILIES[name][2]:
+        check_against_oracle(model, images(name), layer)
+
+
+def test_relu6_masks_saturation_in_guided_and_backprop_modes():
+    """A ReLU6 whose inputs often exceed 6 (large weights): the guided and backprop masks are
+    0 < x < 6, the deconvnet rule relu(signal); through a depthwise conv, a residual add and BN."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.act = nn.ReLU6()
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.act(self.bn(self.conv(x)))
+            return torch.nn.functional.relu6(self.depthwise(y) + y)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(8)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        y = model.act(model.bn(model.conv(x)))
+    assert bool((y >= 6).any()) and bool(((y > 0) & (y < 6)).any())  # both sides of the mask occur
+    for layer in ("act", "relu6"):
+        check_against_oracle(model, x, layer, modes=("deconvnet", "guided", "backprop"), below=6.0)
+
+
+def test_mobilenet_backprop_equals_the_plain_gradient():
+    check_against_oracle(family("mobilenet_v2"), images("mobilenet_v2"), "features.4.conv.1", modes=("backprop",))
+
+
+def test_pass_one_taps_yield_node_outputs_and_stop_at_the_deepest_layer():
+    """Pass 1's taps on a branching model: the requested node outputs as torchvision computes
+    them, in network order, and nothing past the deepest one runs."""
+    from zfkernels.job.scan import FeatureTaps, map_sizes, num_channels
+
+    model = family("resnet18")
+    layers = ["layer1.0.relu_1", "layer2"]
+    x = images("resnet18")
+    with torch.no_grad():
+        want = create_feature_extractor(model, return_nodes={"layer1.0.relu_1": "a", "layer2.1.relu_1": "b"})(x)
+    called = []
+    hook = model.layer3[0].conv1.register_forward_pre_hook(lambda *args: called.append(True))
+    try:
+        with torch.no_grad():
+            got = list(FeatureTaps(model, layers)(x))
+            model.layer3[0].conv1(torch.zeros(1, 128, 4, 4))  # the hook does fire on a call
+    finally:
+        hook.remove()
+    assert called == [True]
+    called.clear()
+    assert [name for name, _ in got] == layers
+    assert torch.equal(got[0][1], want["a"]) and torch.equal(got[1][1], want["b"])
+    assert map_sizes(model, layers, (64, 64)) == {"layer1.0.relu_1": (16, 16), "layer2": (8, 8)}
+    assert num_channels(model, layers) == {"layer1.0.relu_1": 64, "layer2": 128}

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from zfkernels import models, ops
 from zfkernels.deconvnet import Deconvnet
@@ -222,3 +223,64 @@ def test_single_activation_cost_does_not_grow_with_the_image(monkeypatch):
         seen.append(list(shapes))
     assert seen[0] == seen[1] and len(seen[0]) == 6  # 4 projections (conv4..conv1) and 2 unpools
     assert max(s[-1] for _, s in seen[0]) < 224 // 2  # never a full map
+
+
+# --- branching graphs: unions of boxes -----------------------------------------------------
+
+
+def test_resnet_boxes_are_the_union_over_branches():
+    """ResNet-18 by hand: the stem conv 7/2 pad 3 sees [2y-3, 2y+4); after the 3/2 pool and
+    layer1.0's first 3x3 conv, [4y-9, 4y+10); after its second conv and the residual add, the
+    conv branch's [4y-13, 4y+14) holds the identity branch's [4y-5, 4y+4), so it is the union."""
+    dn = Deconvnet(torchvision.models.resnet18(weights=None).eval())
+    size = (128, 96)
+    for layer, (lo, hi) in {"relu": (-3, 4), "layer1.0.relu": (-9, 10), "layer1.0.relu_1": (-13, 14)}.items():
+        step = 2 if layer == "relu" else 4
+        h, w = dn.map_sizes(size)[layer]
+        for y, x in [(0, 0), (h // 2, w // 3), (h - 1, w - 1)]:
+            want = (max(step * x + lo, 0), max(step * y + lo, 0), min(step * x + hi, size[1]), min(step * y + hi, size[0]))
+            assert dn.receptive_field(layer, y, x, size) == want, (layer, y, x)
+
+
+def _kernel_shapes(monkeypatch, dn: Deconvnet, layer: str, sides, position) -> List[List[Tuple[str, Tuple[int, ...]]]]:
+    """The shapes that reach ops.project / ops.unpool projecting one activation, per image side."""
+    shapes: List[Tuple[str, Tuple[int, ...]]] = []
+    real_project, real_unpool = ops.project, ops.unpool
+
+    def project(x, *args, **kwargs):
+        shapes.append(("project", tuple(x.shape)))
+        return real_project(x, *args, **kwargs)
+
+    def unpool(y, *args, **kwargs):
+        shapes.append(("unpool", tuple(y.shape)))
+        return real_unpool(y, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "project", project)
+    monkeypatch.setattr(ops, "unpool", unpool)
+    seen = []
+    for side in sides:
+        images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        rec = dn.record(images, [layer])
+        act = rec.activations[dn.resolve(layer)]
+        y, x = position
+        shapes.clear()
+        out = dn.project(rec, layer, torch.tensor([0]), torch.tensor([int(act[0, :, y, x].argmax())]), torch.tensor([[y, x]]))
+        assert out.shape == (1, 3, side, side) and out.abs().sum() > 0
+        seen.append(list(shapes))
+    return seen
+
+
+def test_vgg_bn_keeps_the_fast_path(monkeypatch):
+    """VGG16-BN (conv/BN/ReLU/pool chain): a single activation of conv2_1's ReLU is projected on
+    its receptive field alone, whatever the image size (BatchNorm folded into the convs)."""
+    dn = Deconvnet(torchvision.models.vgg16_bn(weights=None).eval())
+    seen = _kernel_shapes(monkeypatch, dn, "features.9", (64, 128), (10, 12))
+    assert seen[0] == seen[1] and [kind for kind, _ in seen[0]] == ["project", "unpool", "project", "project"]
+    assert max(shape[-1] for _, shape in seen[0]) < 16
+
+
+def test_resnet_boxes_do_not_grow_with_the_image(monkeypatch):
+    dn = Deconvnet(torchvision.models.resnet18(weights=None).eval())
+    seen = _kernel_shapes(monkeypatch, dn, "layer1.1.relu_1", (64, 128), (8, 9))
+    assert seen[0] == seen[1]
+    assert max(shape[-1] for _, shape in seen[0]) < 32  # never a 32x32 (64 px image) map or larger
