@@ -159,7 +159,7 @@ def test_nothing_is_written_outside_out(hostile_run):
     assert hostile_run["after"] == hostile_run["before"]
     out = hostile_run["out"]
     found = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert found == sorted([".zfk", "checkpoint.pt", "index.html", "layer-conv1.html", "layer-conv2.html", "run.json",
+    assert found == sorted([".zfk", ".zfk.lock", "checkpoint.pt", "index.html", "layer-conv1.html", "layer-conv2.html", "run.json",
                             "skipped.txt", "topk.json", "layers", "layers/conv1", "layers/conv2", "layers/conv1.png",
                             "layers/conv2.png"] + [f"layers/{layer}/f{c:04d}.png" for layer in ("conv1", "conv2")
                                                    for c in range(3)])
