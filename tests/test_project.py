@@ -165,6 +165,21 @@ def test_non_finite_weights_propagate_like_the_reference(device):
     torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("groups", [1, 6])
+def test_non_finite_weights_propagate_like_conv_transpose_in_dense_projections(device, groups):
+    """Depthwise dense projections run a hand-written loop on the CPU; an infinite weight must still
+    give PyTorch's infinities and NaNs (that loop adds exact zeros, so it is not used then)."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn((6, 6 // groups, 3, 3), generator=gen).to(device)
+    weight[2, 0, 1, 1] = float("inf")
+    x = torch.randn((2, 6, 5, 5), generator=gen).to(device)
+    x[0, 2, 2, 2] = 0.0
+    got = zfkernels.project(x, weight, 2, 1, groups=groups)
+    want = F.conv_transpose2d(x, weight, None, 2, 1, 0, groups)
+    assert torch.isnan(want).any() and torch.isinf(want).any()
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_repeated_calls_are_bitwise_identical(device):
     weight, x, channels = make(device, (16, 32, 3, 3), (13, 13), rows=20)
     first = zfkernels.project(x, weight, 1, 1, channels=channels)
@@ -173,14 +188,15 @@ def test_repeated_calls_are_bitwise_identical(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_repeated_calls_are_bitwise_identical(device, dtype):
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_dense_repeated_calls_are_bitwise_identical(device, dtype, groups):
     """The dense path too (on CUDA it must not let the library pick a nondeterministic algorithm)."""
     gen = torch.Generator().manual_seed(3)
-    weight = torch.randn(32, 16, 5, 5, generator=gen).to(device, dtype)
+    weight = torch.randn(32, 16 if groups < 32 else 1, 5, 5, generator=gen).to(device, dtype)
     x = torch.randn(8, 32, 13, 13, generator=gen).to(device, dtype)
-    first = zfkernels.project(x, weight, 2, 1)
+    first = zfkernels.project(x, weight, 2, 1, groups=groups)
     for _ in range(3):
-        assert torch.equal(first, zfkernels.project(x, weight, 2, 1))
+        assert torch.equal(first, zfkernels.project(x, weight, 2, 1, groups=groups))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

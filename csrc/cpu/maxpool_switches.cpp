@@ -9,6 +9,7 @@
 
 #include "../kernels/maxpool_switches.h"
 #include "../maxpool_switches_host.h"
+#include "parallel.h"
 
 namespace zfkernels {
 namespace {
@@ -68,7 +69,7 @@ void pool_nchw(const MaxpoolPlan& plan) {
   const int64_t span_h = (g.k_h - 1) * g.d_h + 1, span_w = (g.k_w - 1) * g.d_w + 1;
   const int64_t ow_lo = imin(ceil_div(g.p_w, g.s_w), g.out_w);
   const int64_t ow_hi = imax(imin(floor_div(g.in_w - span_w + g.p_w, g.s_w) + 1, g.out_w), ow_lo);
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes, grain_for(g.out_h * g.out_w * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* plane = in + p * g.in_h * g.in_w;
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
@@ -111,7 +112,7 @@ void pool_channels_last(const MaxpoolPlan& plan) {
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
   uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, x.size(0) * g.out_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * g.out_h, grain_for(g.out_w * C * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> best(C);
     std::vector<int32_t> arg(C);
     for (int64_t row = begin; row < end; ++row) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../project_host.h"
+#include "parallel.h"
 
 namespace zfkernels {
 namespace {
@@ -23,7 +24,7 @@ void zero_other_groups(const ProjectPlan& plan, const at::Tensor& channels, at::
   const int64_t* ch = channels.const_data_ptr<int64_t>();
   const int64_t ch_stride = channels.stride(0);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, out.size(0), grain_for(C * plane), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = plan.groups.first_channel(ch[b * ch_stride]);
       scalar_t* ob = od + b * C * plane;
@@ -61,7 +62,7 @@ void project_rows_by_channel(const ProjectPlan& plan, const at::Tensor& weight, 
   const auto xs = strides_of(x);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   zero_other_groups<scalar_t>(plan, channels, out);
-  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0), grain_for(pixels * cg * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(cg);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t filter = ch[b * ch_stride];
@@ -111,7 +112,7 @@ void project_rows_padded(const ProjectPlan& plan, const at::Tensor& weight, cons
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   const int64_t plane = g.out_h * g.out_w;
   zero_other_groups<scalar_t>(plan, channels, out);
-  at::parallel_for(0, B * cg, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * cg, grain_for(plane * kh * kw), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xp(xp_h * xp_w), wl(kh * kw), acc(g.out_w);
     int64_t padded_row = -1;
     for (int64_t item = begin; item < end; ++item) {

@@ -4,6 +4,7 @@
 
 #include "../kernels/switches.h"
 #include "../switches_host.h"
+#include "parallel.h"
 
 namespace zfkernels {
 
@@ -13,7 +14,7 @@ int64_t count_invalid_switches_cpu(const at::Tensor& switches, const PoolGeometr
   const uint8_t* sw = switches.const_data_ptr<uint8_t>();
   const int64_t rows = switches.size(0) * C * g.out_h;
   return at::parallel_reduce(
-      0, rows, 64, int64_t(0),
+      0, rows, grain_for(g.out_w), int64_t(0),
       [&](int64_t begin, int64_t end, int64_t invalid) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t oh = r % g.out_h, c = (r / g.out_h) % C, n = r / (g.out_h * C);

@@ -12,6 +12,7 @@
 
 #include "../kernels/unpool.h"
 #include "../switches_host.h"
+#include "parallel.h"
 
 namespace zfkernels {
 namespace {
@@ -40,7 +41,7 @@ void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, y.size(0) * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, y.size(0) * C, grain_for(pooled + pixels), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(pixels);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / C, c = p % C;
@@ -78,7 +79,7 @@ void unpool_channels_last(const UnpoolPlan& plan, const RowMap& row_of, bool rec
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, y.size(0) * g.in_h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, y.size(0) * g.in_h, grain_for(g.in_w * C * 4), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.in_h, ih = r % g.in_h;
