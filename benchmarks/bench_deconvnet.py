@@ -1,9 +1,20 @@
-"""The paper's Figure 2 workload on ZFNet: the top-9 single activations of 64 feature maps of a
-layer (576 projections from 16 images), for each of conv1 ... conv5, through
-``Deconvnet.project`` against the plain batched pure-PyTorch deconvnet (full-image
-``F.conv_transpose2d``, the adjoint reference unpool, ReLU).
+"""Pass 2's projections through ``Deconvnet`` against plain batched PyTorch deconvnets.
+
+``--suite figure2`` (the paper's Figure 2 workload on ZFNet): the top-9 single activations of 64
+feature maps of a layer (576 projections from 16 images), for each of conv1 ... conv5, against
+the plain batched pure-PyTorch deconvnet (full-image ``F.conv_transpose2d``, the adjoint
+reference unpool, ReLU) on the same recording.
+
+``--suite families``: ResNet-50 at ``layer2`` (16 feature maps x 9 images = 144 top-activation
+projections) and VGG16-BN at ``features.42`` (conv5_3's ReLU; 64 maps x top 9 of 16 images =
+576), each against the plain batched autograd deconvnet: every selection's image forward
+(torchvision's ``create_feature_extractor``, ReLU backward swapped for ``relu(signal)``), the
+seed, one backward per chunk. Both sides include their forward (ours: one ``record`` per image
+set, then ``project``). With ``--captum``, also Captum's ``NeuronDeconvolution`` once per
+neuron (when Captum is installed; a benchmark-only dependency).
 
     python benchmarks/bench_deconvnet.py --device cpu --json bench-results/bench_deconvnet.json
+    python benchmarks/bench_deconvnet.py --suite families --size 128 --json bench-results/bench_families.json
 """
 
 from __future__ import annotations
@@ -54,28 +65,93 @@ def figure2_selections(act: torch.Tensor, maps: int, top: int) -> Tuple[torch.Te
 
 def plain_deconvnet(dn: Deconvnet, rec: Recording, layer: str, rows: torch.Tensor, channels: torch.Tensor,
                     positions: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The straightforward batched deconvnet in pure PyTorch, on full maps at every level."""
-    top = next(i for i, s in enumerate(dn.stages) if s.kind == "conv" and s.name == layer)
+    """The straightforward batched deconvnet in pure PyTorch on a zoo ``.features`` stack, on
+    full maps at every level (the engine's recording gives the switches and map sizes)."""
+    modules = list(dn.model.features)
+    top = int(dn.resolve(layer).split(".")[1])  # the layer's ReLU in model.features
     act = rec.activations[layer]
+    sizes = [tuple(rec.images_shape[-2:])] + [tuple(rec.shapes[f"features.{i}"][-2:]) for i in range(top)]
     outs = []
     for start in range(0, rows.shape[0], chunk):
         r, c, p = rows[start:start + chunk], channels[start:start + chunk], positions[start:start + chunk]
         b = torch.arange(r.shape[0], device=act.device)
         signal = torch.zeros((r.shape[0],) + tuple(act.shape[1:]), dtype=act.dtype, device=act.device)
         signal[b, c, p[:, 0], p[:, 1]] = act[r, c, p[:, 0], p[:, 1]]
-        for i in range(top, -1, -1):
-            stage = dn.stages[i]
-            below = rec.sizes[i]
-            if stage.kind == "conv":
-                w = stage.window
-                out_pad = [below[a] - ((signal.shape[2 + a] - 1) * w.stride[a] - 2 * w.padding[a] + w.kernel[a]) for a in range(2)]
-                signal = F.conv_transpose2d(signal, stage.module.weight, None, w.stride, w.padding, out_pad)
-            elif stage.kind == "relu" and i != top:
+        for i in range(top - 1, -1, -1):
+            module, below = modules[i], sizes[i]  # sizes[i]: the map entering module i
+            if isinstance(module, torch.nn.Conv2d):
+                k, st, pd = module.kernel_size, module.stride, module.padding
+                out_pad = [below[a] - ((signal.shape[2 + a] - 1) * st[a] - 2 * pd[a] + k[a]) for a in range(2)]
+                signal = F.conv_transpose2d(signal, module.weight, None, st, pd, out_pad)
+            elif isinstance(module, torch.nn.ReLU):
                 signal = torch.relu(signal)
-            elif stage.kind == "pool":
-                w = stage.window
-                signal = reference.unpool(signal, rec.switches[i], below, w.kernel, w.stride, w.padding, rows=r)
+            elif isinstance(module, torch.nn.MaxPool2d):
+                k = module.kernel_size
+                stride = k if module.stride is None else module.stride
+                signal = reference.unpool(signal, rec.switches[f"features.{i}"], below, k, stride, module.padding, rows=r)
         outs.append(signal)
+    return torch.cat(outs)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU whose backward is the deconvnet's rule, relu(signal)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.relu(grad)
+
+
+class _SwappedReLU(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DeconvReLU.apply(x)
+
+
+class AutogradDeconvnet:
+    """The plain batched autograd deconvnet: torchvision's feature extractor up to ``layer``
+    (node name) with every ``nn.ReLU`` module's backward swapped, one forward of every
+    selection's image and one backward per chunk of selections."""
+
+    def __init__(self, model: torch.nn.Module, layer: str) -> None:
+        import copy
+
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        extractor = copy.deepcopy(create_feature_extractor(model.eval(), return_nodes={layer: "out"})).eval()
+        for module in list(extractor.modules()):
+            for key, child in list(module.named_children()):
+                if type(child) is torch.nn.ReLU:
+                    setattr(module, key, _SwappedReLU())
+        self.extractor = extractor
+
+    def __call__(self, images: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor, positions: torch.Tensor,
+                 chunk: int) -> torch.Tensor:
+        outs = []
+        for start in range(0, rows.shape[0], chunk):
+            r, c, p = rows[start:start + chunk], channels[start:start + chunk], positions[start:start + chunk]
+            with torch.enable_grad():
+                x = images[r].detach().requires_grad_(True)
+                act = self.extractor(x)["out"]
+                b = torch.arange(r.shape[0], device=act.device)
+                seed = torch.zeros_like(act)
+                seed[b, c, p[:, 0], p[:, 1]] = act[b, c, p[:, 0], p[:, 1]].detach()
+                (grad,) = torch.autograd.grad(act, x, seed)
+            outs.append(grad)
+        return torch.cat(outs)
+
+
+def captum_deconvolution(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tensor, rows: torch.Tensor,
+                         channels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Captum's NeuronDeconvolution, once per neuron (its API takes one neuron index per call)."""
+    from captum.attr import NeuronDeconvolution
+
+    deconv = NeuronDeconvolution(model, module)
+    outs = []
+    for r, c, (y, x) in zip(rows.tolist(), channels.tolist(), positions.tolist()):
+        outs.append(deconv.attribute(images[r:r + 1], neuron_selector=(c, y, x)))
     return torch.cat(outs)
 
 
@@ -113,10 +189,91 @@ def run(device: torch.device, layers: List[str], chunk: int) -> Tuple[List[Dict[
     return rows_out, source
 
 
+FAMILIES = [
+    # builder, layer, feature maps, images, top per map
+    ("resnet50", "layer2", 16, 9, 9),
+    ("vgg16_bn", "features.42", 64, 16, 9),
+]
+
+
+def top_selections(act: torch.Tensor, maps: int, top: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1's kind of selections: for the first ``maps`` feature maps, the ``top`` images with
+    the strongest activation, each at its argmax."""
+    return figure2_selections(act, maps, top)
+
+
+def _time(fn, label: str, sub: str, description: str, min_run_time: float) -> benchmark.Measurement:
+    timer = benchmark.Timer("with torch.no_grad(): fn()", globals={"fn": fn, "torch": torch}, label=label,
+                            sub_label=sub, description=description, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time)
+
+
+def run_families(device: torch.device, size: int, chunk: int, captum: bool,
+                 min_run_time: float) -> Tuple[List[Dict[str, object]], str]:
+    import torchvision
+
+    results, rows_out = [], []
+    source = ""
+    for arch, layer, maps, count, top in FAMILIES:
+        images, source = load_images(count)
+        if size != 224:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = images.to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
+        dn = Deconvnet(model)
+        with torch.no_grad():
+            rec = dn.record(images, [layer])
+        node = dn.resolve(layer)
+        rows, channels, positions = top_selections(rec.activations[node], maps, top)
+        reference_fn = AutogradDeconvnet(model, node)
+
+        def ours() -> torch.Tensor:
+            recording = dn.record(images, [layer])
+            return dn.project(recording, layer, rows, channels, positions, chunk_size=chunk)
+
+        def plain() -> torch.Tensor:
+            return reference_fn(images, rows, channels, positions, chunk)
+
+        with torch.no_grad():
+            ours_out, ref_out = ours(), plain()
+        error = float((ours_out - ref_out).norm() / ref_out.norm().clamp_min(1e-30))
+        sub = f"{arch} {layer}: {rows.shape[0]} projections, {count} images {size}x{size} [{device.type}]"
+        label = "pass 2 projections (any ReLU CNN)"
+        measured = {"autograd deconvnet": _time(plain, label, sub, "autograd deconvnet", min_run_time),
+                    "zfkernels": _time(ours, label, sub, "zfkernels", min_run_time)}
+        row = dict(model=arch, layer=layer, projections=int(rows.shape[0]), images=count, size=size, device=device.type,
+                   reference="plain batched autograd deconvnet", reference_ms=measured["autograd deconvnet"].median * 1e3,
+                   zfkernels_ms=measured["zfkernels"].median * 1e3,
+                   speedup=measured["autograd deconvnet"].median / measured["zfkernels"].median, relative_error=error)
+        if captum:
+            # The layer as a module path (ResNet's stage, VGG's ReLU module): Captum hooks its output.
+            module = model.get_submodule(layer)
+            try:
+                captum_fn = lambda: captum_deconvolution(model, module, images, rows, channels, positions)  # noqa: E731
+                measured["captum"] = _time(captum_fn, label, sub, "Captum NeuronDeconvolution", min_run_time)
+                row["captum_ms"] = measured["captum"].median * 1e3
+                row["speedup_vs_captum"] = measured["captum"].median / measured["zfkernels"].median
+            except ImportError:
+                print("captum is not installed: its column is left out", flush=True)
+        results.extend(measured.values())
+        rows_out.append(row)
+        print(f"{arch} {layer}: autograd {row['reference_ms']:9.1f} ms  zfkernels {row['zfkernels_ms']:8.1f} ms  "
+              f"x{row['speedup']:.2f}  (rel. difference {error:.1e})", flush=True)
+    benchmark.Compare(results).print()
+    return rows_out, source
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if zfkernels.has_cuda() else "cpu")
-    parser.add_argument("--layers", nargs="+", default=["conv1", "conv2", "conv3", "conv4", "conv5"])
+    parser.add_argument("--suite", choices=["figure2", "families"], default="figure2")
+    parser.add_argument("--layers", nargs="+", default=["conv1", "conv2", "conv3", "conv4", "conv5"],
+                        help="figure2: ZFNet's layers")
+    parser.add_argument("--size", type=int, default=224, help="families: image side (smaller on a CPU)")
+    parser.add_argument("--captum", action="store_true", help="families: also Captum's NeuronDeconvolution per neuron")
+    parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--chunk-size", type=int, default=192, help="selections per batch, both sides")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench_deconvnet.json"))
     args = parser.parse_args(argv)
@@ -125,7 +282,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not zfkernels.has_cuda():
             sys.exit("bench_deconvnet: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
         torch.backends.cudnn.allow_tf32 = False
-    rows, source = run(device, args.layers, args.chunk_size)
+    if args.suite == "families":
+        rows, source = run_families(device, args.size, args.chunk_size, args.captum, args.min_run_time)
+    else:
+        rows, source = run(device, args.layers, args.chunk_size)
     write_results(args.json, rows, device.type == "cuda", argv, images=source)
 
 
