@@ -10,6 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
 # torch 2.14.1 is the CUDA 13 build (it can build CUDA extensions; the CPU-only file cannot).
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy pillow tqdm matplotlib jinja2 scikit-learn pytest
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy pillow tqdm matplotlib jinja2 scikit-learn pytest expecttest
 MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import zfkernels, json; print('zfkernels build:', json.dumps(zfkernels.build_info()))"
