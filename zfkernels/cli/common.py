@@ -116,19 +116,6 @@ MAX_BATCH = 1024  # copies of a 224x224 image per forward pass; beyond it only t
 batch_size_int = int_in_range(1, MAX_BATCH, "images per forward pass")
 
 
-def fill_text(text: str) -> str:
-    """An argparse type for ``--fill``: ``mean``, ``grey``/``gray`` or a grey level 0-255,
-    checked as it is read (a 5,000-digit level is refused in a short line)."""
-    if text not in ("mean", "grey", "gray"):
-        try:
-            level = int(text)
-        except ValueError:
-            level = None
-        if level is None or not 0 <= level <= 255:
-            raise argparse.ArgumentTypeError(f"{quoted(text)} is not mean, grey or a grey level 0-255")
-    return text
-
-
 def label_text(text: str) -> str:
     """An argparse type for ``--label``: a number too long to be a class index 0-999 is refused
     as it is read (past 4,300 digits Python would not even convert it); the rest is checked
