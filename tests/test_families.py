@@ -41,7 +41,7 @@ FAMILIES: Dict[str, Tuple[dict, int, Tuple[str, str]]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)  # the families are large: keep the last two, not all eleven alive
 def family(name: str) -> nn.Module:
     """The family's network with seeded random weights, and BatchNorm statistics and affine
     parameters drawn at random too (a fresh BatchNorm is nearly the identity, which would hide

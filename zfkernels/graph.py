@@ -172,9 +172,21 @@ class Graph:
     ``layers`` (the names pages use: the zoo's aliases where it has them, else node names),
     ``nodes`` (every projectable node name) and ``aliases`` (alias -> step name)."""
 
+    @property
+    def model(self) -> nn.Module:
+        """The traced root: the model, or its zoo-style wrapper."""
+        root = self._root()
+        if root is None:
+            raise ReferenceError("Deconvnet: the model this graph was traced from no longer exists")
+        return root
+
     def __init__(self, model: nn.Module) -> None:
-        self.model = _traceable(model)  # the traced root: the model, or its zoo-style wrapper
-        self.graph, self.names = _trace(self.model)
+        root = _traceable(model)  # the traced root: the model, or its zoo-style wrapper
+        # graph_of caches graphs in a WeakKeyDictionary keyed by the model: a strong reference
+        # to the model from here would keep every model ever traced alive. The zoo wrapper
+        # holds only the model's parts, so it may be kept as it is.
+        self._root: Callable[[], Optional[nn.Module]] = weakref.ref(root) if root is model else (lambda: root)
+        self.graph, self.names = _trace(root)
         self.steps: Dict[str, Step] = {}
         self.values: Dict[fx.Node, str] = {}  # node -> "tensor" | "const" | "shape" | "tuple" | "none"
         self.step_of: Dict[fx.Node, str] = {}  # tensor node -> the step holding its value
