@@ -53,13 +53,14 @@ def bare_forward(device: torch.device, batch_size: int, files: List[Path]) -> Di
 
 
 def repeated_folder(source: Path, copies: int, root: Path) -> Path:
-    """``copies`` subfolders of symbolic links to ``source``'s files (the set repeated)."""
+    """``copies`` subfolders holding copies of ``source``'s files (the set repeated). Copies, not
+    links: discovery follows no link out of ``--data`` and reads a file with several names once."""
     folder = root / f"x{copies}"
     for c in range(copies):
         sub = folder / f"copy{c}"
         sub.mkdir(parents=True)
         for f in sorted(source.iterdir()):
-            (sub / f.name).symlink_to(f.resolve())
+            shutil.copyfile(f, sub / f.name)
     return folder
 
 
