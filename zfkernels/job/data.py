@@ -4,8 +4,9 @@ and a DataLoader that skips (and reports) what it cannot read.
 Every file is addressed by its index in the sorted list of discovered paths; the index is the
 identity pass 1 ranks by (ties go to the earlier image) and the unit of sharding and resuming.
 
-Decoding follows torchvision's ImageNet evaluation pipeline exactly (Pillow, ``Resize(256)``,
-``CenterCrop(224)``; no EXIF rotation, as torchvision's loader), with the colour handling spelled
+Decoding follows torchvision's ImageNet evaluation pipeline exactly (Pillow, ``Resize`` then
+``CenterCrop`` at the network's sizes, :func:`zfkernels.models.eval_transform`: 256/224 for the zoo,
+342/299 for Inception v3; no EXIF rotation, as torchvision's loader), with the colour handling spelled
 out: grayscale, CMYK and palette images are converted to RGB, alpha is composited over white and
 16-bit or float images are scaled to 8 bits. Workers ship uint8 crops (4x less than float32 through
 the pinned-memory queue); the device normalises them, with the same arithmetic as torchvision's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -39,10 +41,12 @@ import torch
 from PIL import Image, ImageFile
 from torchvision import transforms
 
+from ..models import ZOO_TRANSFORM, EvalTransform
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE = 256
-CROP = 224
+RESIZE = ZOO_TRANSFORM.resize  # the zoo's (and the paper's) sizes: the defaults below
+CROP = ZOO_TRANSFORM.crop
 # Beyond this aspect ratio, Resize(256) would make an enormous intermediate image (a 1x10000
 # strip becomes 256x2560000): such images are resized straight into the centre crop instead
 # (the same sampling positions, rounding may differ by one level).
@@ -55,16 +59,25 @@ JPEG_END = b"\xff\xd9"  # the end-of-image marker (0xFFD9 cannot occur inside en
 # insist, since a library imported earlier may have flipped it).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_RESIZE_CROP = transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP)])
+# Pillow's resampling filter of each interpolation torchvision's presets name.
+PILLOW_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def preprocess_description(decoder: str = "pillow") -> dict:
+@functools.lru_cache(maxsize=None)
+def _resize_crop_of(transform: EvalTransform) -> transforms.Compose:
+    mode = transforms.InterpolationMode(transform.interpolation)
+    return transforms.Compose([transforms.Resize(transform.resize, interpolation=mode),
+                               transforms.CenterCrop(transform.crop)])
+
+
+def preprocess_description(decoder: str = "pillow", transform: EvalTransform = ZOO_TRANSFORM) -> dict:
     """What the images went through, as written into ``topk.json`` (``"preprocess"``)."""
     return {
-        "transform": "torchvision ImageNet evaluation: Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(mean, std)",
-        "resize": RESIZE,
-        "crop": CROP,
-        "interpolation": "bilinear (antialiased)",
+        "transform": f"torchvision ImageNet evaluation: Resize({transform.resize}) -> CenterCrop({transform.crop}) "
+                     "-> ToTensor -> Normalize(mean, std)",
+        "resize": transform.resize,
+        "crop": transform.crop,
+        "interpolation": f"{transform.interpolation} (antialiased)",
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "color": "RGB: grayscale, CMYK and palette converted, alpha composited over white, 16-bit scaled to 8; no EXIF rotation",
@@ -83,23 +96,35 @@ def image_extensions() -> frozenset:
 
 @dataclass
 class ImageList:
-    """The images of a run: ``files`` are POSIX paths relative to ``root``, sorted; ``ignored``
-    lists files that were not considered at all, with the reason; ``stamps`` holds each file's
-    ``(size, mtime_ns)`` as discovery saw it (what :meth:`identity` digests)."""
+    """The images of a run, as the network sees them: ``files`` are POSIX paths relative to
+    ``root``, sorted; ``ignored`` lists files that were not considered at all, with the reason;
+    ``stamps`` holds each file's ``(size, mtime_ns)`` as discovery saw it (what :meth:`identity`
+    digests); ``transform`` is the evaluation transform every loader applies (the network's:
+    :func:`zfkernels.models.eval_transform`)."""
 
     root: Path
     files: List[str]
     ignored: List[Tuple[str, str]] = field(default_factory=list)
     stamps: List[Tuple[int, int]] = field(default_factory=list)
+    transform: EvalTransform = ZOO_TRANSFORM
 
     def path(self, index: int) -> Path:
         return self.root / self.files[index]
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """``(height, width)`` of every crop the network sees."""
+        return self.transform.crop, self.transform.crop
 
     def first(self, limit: Optional[int]) -> "ImageList":
         """The first ``limit`` images (all when ``None``)."""
         if limit is None:
             return self
-        return ImageList(self.root, self.files[:limit], self.ignored, self.stamps[:limit])
+        return dataclasses.replace(self, files=self.files[:limit], stamps=self.stamps[:limit])
+
+    def seen_as(self, transform: EvalTransform) -> "ImageList":
+        """The same images under another evaluation transform (the network's input size)."""
+        return dataclasses.replace(self, transform=transform)
 
     def identity(self) -> str:
         """SHA-256 of what identifies these images cheaply: the resolved root, and each file's
@@ -243,10 +268,10 @@ def decode(source: object) -> Image.Image:
             return to_rgb(image)
 
 
-def resized_size(width: int, height: int) -> Tuple[int, int]:
-    """``(width, height)`` after ``Resize(256)``: the short side 256, the other scaled and
-    truncated, as torchvision computes it."""
-    return (RESIZE, int(RESIZE * height / width)) if width <= height else (int(RESIZE * width / height), RESIZE)
+def resized_size(width: int, height: int, resize: int = RESIZE) -> Tuple[int, int]:
+    """``(width, height)`` after ``Resize(resize)``: the short side ``resize``, the other scaled
+    and truncated, as torchvision computes it."""
+    return (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
 
 
 def crop_origin(height: int, width: int, crop: int = CROP) -> Tuple[int, int]:
@@ -255,18 +280,20 @@ def crop_origin(height: int, width: int, crop: int = CROP) -> Tuple[int, int]:
     return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
-def resize_crop(image: Image.Image) -> Image.Image:
-    """Resize the short side to 256 and take the centre 224x224, as torchvision's evaluation
-    transform (small images are scaled up the same way)."""
+def resize_crop(image: Image.Image, transform: EvalTransform = ZOO_TRANSFORM) -> Image.Image:
+    """Resize the short side to ``transform.resize`` (256) and take the centre ``transform.crop``
+    square (224x224), as torchvision's evaluation transform (small images are scaled up the same
+    way)."""
     w, h = image.size
+    crop = transform.crop
     if max(w, h) > EXTREME_ASPECT * min(w, h):
         # Straight into the crop: the source box that Resize(256) + CenterCrop(224) would sample.
-        ow, oh = resized_size(w, h)
-        top, left = crop_origin(oh, ow)
+        ow, oh = resized_size(w, h, transform.resize)
+        top, left = crop_origin(oh, ow, crop)
         sx, sy = w / ow, h / oh
-        box = (left * sx, top * sy, (left + CROP) * sx, (top + CROP) * sy)
-        return image.resize((CROP, CROP), Image.BILINEAR, box=box)
-    return _RESIZE_CROP(image)
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        return image.resize((crop, crop), PILLOW_FILTERS[transform.interpolation], box=box)
+    return _resize_crop_of(transform)(image)
 
 
 def to_chw_uint8(image: Image.Image) -> torch.Tensor:
@@ -274,10 +301,10 @@ def to_chw_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def load_crop(source: object) -> torch.Tensor:
-    """Decode ``source`` (a path or a file object) and return its (3, 224, 224) uint8 evaluation
-    crop."""
-    return to_chw_uint8(resize_crop(decode(source)))
+def load_crop(source: object, transform: EvalTransform = ZOO_TRANSFORM) -> torch.Tensor:
+    """Decode ``source`` (a path or a file object) and return its uint8 evaluation crop,
+    ``(3, crop, crop)`` (224 by default)."""
+    return to_chw_uint8(resize_crop(decode(source), transform))
 
 
 @functools.lru_cache(maxsize=None)
@@ -319,10 +346,10 @@ class Batch:
     """What the loader yields for one batch (``slot`` is its id: the batch slot in pass 1).
 
     ``indices`` (int64, one per decoded image, in slot order) and ``images`` (uint8
-    ``(n, 3, 224, 224)``) hold the images decoded on the CPU; ``encoded`` holds ``(index, bytes)``
+    ``(n, 3, crop, crop)``) hold the images decoded on the CPU; ``encoded`` holds ``(index, bytes)``
     of JPEGs left for the GPU decoder (empty unless GPU decoding is on); ``failures`` lists
     ``(index, reason)`` of the files that could not be read; ``decode_seconds`` is the CPU time
-    the worker spent."""
+    the worker spent; ``transform`` is the evaluation transform (the GPU decoder applies it too)."""
 
     slot: int
     indices: torch.Tensor
@@ -330,10 +357,11 @@ class Batch:
     encoded: List[Tuple[int, torch.Tensor]]
     failures: List[Tuple[int, str]]
     decode_seconds: float
+    transform: EvalTransform = ZOO_TRANSFORM
 
     def pin_memory(self) -> "Batch":  # called by the DataLoader's pinning thread
         return Batch(self.slot, self.indices.pin_memory(), self.images.pin_memory(),
-                     [(i, b.pin_memory()) for i, b in self.encoded], self.failures, self.decode_seconds)
+                     [(i, b.pin_memory()) for i, b in self.encoded], self.failures, self.decode_seconds, self.transform)
 
     def __len__(self) -> int:
         return int(self.indices.numel()) + len(self.encoded)
@@ -377,6 +405,7 @@ class BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Batch:
         batch_id, members = self.batches[k]
         start = time.process_time()
+        transform = self.images.transform
         indices: List[int] = []
         crops: List[torch.Tensor] = []
         encoded: List[Tuple[int, torch.Tensor]] = []
@@ -389,15 +418,15 @@ class BatchDataset(torch.utils.data.Dataset):
                     if _gpu_decodable(data):
                         encoded.append((index, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
                         continue
-                    crops.append(load_crop(io.BytesIO(data)))
+                    crops.append(load_crop(io.BytesIO(data), transform))
                 else:
-                    crops.append(load_crop(path))
+                    crops.append(load_crop(path, transform))
                 indices.append(index)
             except Exception as error:  # any decoder failure: log and go on (MemoryError too)
                 failures.append((index, describe_error(error)))
-        images = torch.stack(crops) if crops else torch.empty((0, 3, CROP, CROP), dtype=torch.uint8)
+        images = torch.stack(crops) if crops else torch.empty((0, 3, *self.images.size), dtype=torch.uint8)
         return Batch(batch_id, torch.tensor(indices, dtype=torch.int64), images, encoded, failures,
-                     time.process_time() - start)
+                     time.process_time() - start, transform)
 
 
 def _gpu_decodable(data: bytes) -> bool:
@@ -551,17 +580,18 @@ def gpu_jpeg_available(device: torch.device) -> bool:
         return False
 
 
-def _tensor_resize_crop(image: torch.Tensor) -> torch.Tensor:
-    """Resize(256) + CenterCrop(224) of a (3, H, W) uint8 tensor on its device (antialiased
-    bilinear, as torchvision's tensor transform: close to Pillow's, not bitwise)."""
+def _tensor_resize_crop(image: torch.Tensor, transform: EvalTransform) -> torch.Tensor:
+    """Resize(256) + CenterCrop(224) (``transform``'s sizes) of a (3, H, W) uint8 tensor on its
+    device (antialiased, as torchvision's tensor transform: close to Pillow's, not bitwise)."""
     from torchvision.transforms.v2 import functional as TF
 
     h, w = image.shape[-2:]
     if max(w, h) > EXTREME_ASPECT * min(w, h):  # rare: Pillow's box path, on the CPU
         pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
-        return to_chw_uint8(resize_crop(pil)).to(image.device)
-    image = TF.resize(image, [RESIZE], antialias=True)
-    return TF.center_crop(image, [CROP, CROP])
+        return to_chw_uint8(resize_crop(pil, transform)).to(image.device)
+    mode = TF.InterpolationMode(transform.interpolation)
+    image = TF.resize(image, [transform.resize], interpolation=mode, antialias=True)
+    return TF.center_crop(image, [transform.crop, transform.crop])
 
 
 def decode_on_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, str]]]:
@@ -592,9 +622,9 @@ def decode_on_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, 
     for index, data, image in zip(ids, datas, decoded):
         try:
             if image is None:  # the CPU fallback
-                image = load_crop(io.BytesIO(data.cpu().numpy().tobytes())).to(device)
+                image = load_crop(io.BytesIO(data.cpu().numpy().tobytes()), batch.transform).to(device)
             else:
-                image = _tensor_resize_crop(image)
+                image = _tensor_resize_crop(image, batch.transform)
             extra_ids.append(index)
             extra.append(image)
         except Exception as error:

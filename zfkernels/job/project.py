@@ -94,10 +94,11 @@ def _allocate(shape: Tuple[int, ...], scratch: Optional[Path], name: str) -> np.
     return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape)
 
 
-def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int, layers: Optional[Sequence[str]] = None) -> int:
+def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int, layers: Optional[Sequence[str]] = None,
+                      image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> int:
     """At most ``requested`` images per recording, fewer when their maps would exceed
     :data:`RECORD_BUDGET` (VGG16 keeps ~55 MB of maps per 224x224 image)."""
-    per_image = dn.recorded_bytes((data_mod.CROP, data_mod.CROP), layers)
+    per_image = dn.recorded_bytes(image_size, layers)
     return max(1, min(requested, RECORD_BUDGET // max(per_image, 1)))
 
 
@@ -155,7 +156,7 @@ def project_selections(
     # Per layer: which (row, rank) entries come from which image, at which position.
     wanted: Dict[str, Dict[int, List[Tuple[int, int, int, int, int]]]] = {}
     for name, top in layers.items():
-        geometry = FieldGeometry.of(dn, name)
+        geometry = FieldGeometry.of(dn, name, images.size)
         size = tile_size(max(geometry.size))
         c, k = top.values.shape
         tiles[name] = LayerTiles(name, size, geometry, _allocate((c, k, size, size, 3), scratch, f"{name}-projections"),
@@ -166,7 +167,7 @@ def project_selections(
                 per_image.setdefault(image, []).append((j, r, int(top.channels[j]), y, x))
         wanted[name] = per_image
     distinct = selected_images(layers)
-    size = record_batch_size(model, dn, batch_size, list(layers))
+    size = record_batch_size(model, dn, batch_size, list(layers), images.size)
     batches = [(b, distinct[b * size:(b + 1) * size]) for b in range((len(distinct) + size - 1) // size)]
     loader = data_mod.make_loader(images, batches, workers, pin_memory=device.type == "cuda", gpu_jpeg=gpu_jpeg)
     failures: List[Tuple[int, str]] = []

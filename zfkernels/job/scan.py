@@ -58,12 +58,12 @@ class Scanner:
     """The running top-K of every requested (layer, feature map) on ``device``."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], channels: Dict[str, torch.Tensor], top: int,
-                 device: torch.device) -> None:
+                 device: torch.device, image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> None:
         if top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         self.device = torch.device(device)
         self.taps = FeatureTaps(model, layers)
-        sizes = map_sizes(model, layers)
+        sizes = map_sizes(model, layers, image_size)
         self.layers: Dict[str, LayerTop] = {
             name: LayerTop.empty(channels[name], top, sizes[name], self.device) for name in layers
         }
@@ -200,7 +200,7 @@ def run_scan(
         raise ValueError(f"pass 1 ranks at most {EMPTY - 1} images, got {plan.slots.count}")
     clock = StageClock(device)
     with channels_last(model):
-        scanner = Scanner(model, plan.layers, plan.channels, plan.top, device)
+        scanner = Scanner(model, plan.layers, plan.channels, plan.top, device, plan.images.size)
         done = set(resume.done) if resume else set()
         skipped_before = list(resume.skipped) if resume else []
         scanned_before = resume.scanned if resume else 0
