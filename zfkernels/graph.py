@@ -728,7 +728,6 @@ def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Ite
             last_use[source] = i
     env: Dict[fx.Node, Any] = tape.env if tape is not None else {}  # non-tensor values (sizes, chunk tuples)
     outputs: Dict[str, torch.Tensor] = {}
-    pending = len(wanted)
 
     def lookup(node: fx.Node) -> Any:
         if graph.values.get(node) == "tensor":
@@ -737,33 +736,42 @@ def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Ite
             env[node] = evaluate(node, lookup, graph.model)
         return env[node]
 
-    for i, name in enumerate(order):
-        step = graph.steps[name]
-        values = [outputs[source] for source in step.inputs]
-        if step.kind == "input":
-            value = images
-        else:
-            try:
-                value = run_step(step, values, lookup, graph.model, tape)
-            except RuntimeError as error:
-                shape = tuple(values[0].shape[-2:]) if values and values[0].dim() == 4 else tuple(values[0].shape)
-                raise ValueError(
-                    f"Deconvnet: images of {images.shape[-2]}x{images.shape[-1]} do not fit this model: step {name!r} "
-                    f"({step.kind}) receives a {'x'.join(map(str, shape))} map ({str(error).splitlines()[0]})"
-                ) from error
-        outputs[name] = value
-        if tape is not None:
-            tape.shapes[name] = value.shape
-            if step.kind == "rearrange":
-                tape.inputs[name] = values[0].shape
-        if name in wanted:
-            yield name, value
-            pending -= 1
-            if pending == 0:
-                return
-        for source in graph.reads(name):
-            if last_use.get(source) == i and source not in keep:
-                outputs.pop(source, None)
+    pending = len(wanted)
+    try:
+        for i, name in enumerate(order):
+            step = graph.steps[name]
+            values = [outputs[source] for source in step.inputs]
+            if step.kind == "input":
+                value = images
+            else:
+                try:
+                    value = run_step(step, values, lookup, graph.model, tape)
+                except RuntimeError as error:
+                    shape = tuple(values[0].shape[-2:]) if values and values[0].dim() == 4 else tuple(values[0].shape)
+                    raise ValueError(
+                        f"Deconvnet: images of {images.shape[-2]}x{images.shape[-1]} do not fit this model: step {name!r} "
+                        f"({step.kind}) receives a {'x'.join(map(str, shape))} map ({str(error).splitlines()[0]})"
+                    ) from error
+            outputs[name] = value
+            if tape is not None:
+                tape.shapes[name] = value.shape
+                if step.kind == "rearrange":
+                    tape.inputs[name] = values[0].shape
+            if name in wanted:
+                yield name, value
+                pending -= 1
+                if pending == 0:
+                    return
+            for source in graph.reads(name):
+                if last_use.get(source) == i and source not in keep:
+                    outputs.pop(source, None)
+    finally:
+        # ``lookup`` refers to itself (it recurses through ``evaluate``), so this frame's
+        # variables form a reference cycle that only the cyclic collector frees. Tensors are
+        # few Python objects, so that collector rarely runs and every batch's maps would stay
+        # alive until it does: leave the cycle holding nothing.
+        outputs.clear()
+        del lookup
 
 
 def rearrangement_index(graph: Graph, step: Step, input_shape: torch.Size, env: Dict[fx.Node, Any],
@@ -794,6 +802,7 @@ def rearrangement_index(graph: Graph, step: Step, input_shape: torch.Size, env: 
             return env[n]
 
         out = evaluate(node, lookup, graph.model)
+        del lookup  # it refers to itself: free the index maps now, not at the next cyclic collection
     if out.shape[0] != input_shape[0] or (input_shape[0] > 1 and not bool((out == out[:1]).all())):
         raise ValueError(f"Deconvnet: step {step.name!r} mixes the batch's images; it cannot be projected per image")
     return out[0].contiguous()
