@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,6 +26,7 @@ from ..models import channels_last
 from . import data as data_mod
 from .checkpoint import ScanState
 from .distributed import Distributed
+from .signals import StopRequest
 from .timing import StageClock
 from .topk import EMPTY, LayerTop, merge_states, spatial_max
 
@@ -125,30 +125,6 @@ class ScanInterrupted(Exception):
         self.signum = signum
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[Dict[str, int]]:
-    """SIGINT/SIGTERM set a flag (checked between batches: checkpoint, then stop); a second
-    SIGINT interrupts at once."""
-    flag: Dict[str, int] = {}
-
-    def handler(signum: int, frame: object) -> None:
-        if flag:
-            raise KeyboardInterrupt
-        flag["signum"] = signum
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for s in previous:
-            signal.signal(s, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 # -- the pass ----------------------------------------------------------------------------------
 
 
@@ -235,7 +211,7 @@ def run_scan(
 
         stopped = False
         # A worker's death is one line (WorkersFailed); the workers end with the pass, however it ends.
-        with data_mod.worker_guard(loader), _stop_on_signals() as stop:
+        with data_mod.worker_guard(loader), StopRequest().installed() as stop:
             batches = iter(loader)
             for step in range(steps):
                 if step < len(mine):
@@ -266,7 +242,7 @@ def run_scan(
             # run too, once that write is whole (--resume goes on from it); all processes agree.
             stopped = distributed.any([stopped or bool(stop)])[0]
         if stopped:
-            raise ScanInterrupted(stop.get("signum", signal.SIGTERM))
+            raise ScanInterrupted(stop.signum or signal.SIGTERM)
         # final.scanned already sums every process's count.
         return result_from_state(final, clock.totals(), time.perf_counter() - began, final.scanned - scanned_before)
 

@@ -25,12 +25,10 @@ batch's mean even where shares differ (the last batch, skipped files). Validatio
 from __future__ import annotations
 
 import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,6 +40,7 @@ from ..job import data as job_data
 from ..job.console import progress_bar, say
 from ..job.distributed import Distributed, init_distributed
 from ..job.io import atomic_write
+from ..job.signals import StopRequest
 from ..models import load_weights
 from . import data as train_data
 from .ablations import build_network
@@ -102,36 +101,6 @@ def preprocess_description(config: TrainConfig) -> Dict[str, object]:
 
 
 # -- stopping cleanly --------------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGINT and SIGTERM while training: the first asks the loop to stop after the current
-    step (it saves its state, then raises ``KeyboardInterrupt``); a second one interrupts at
-    once (the state on disk is still the last complete one)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
-        previous = {s: signal.getsignal(s) for s in self.SIGNALS}
-        try:
-            for s in self.SIGNALS:
-                signal.signal(s, self._handle)
-        except ValueError:  # training in another thread: signals stay with the main thread
-            previous = {}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 # -- the run -----------------------------------------------------------------------------------
