@@ -51,10 +51,9 @@ def image(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--size", HUGE, "must be from 1 to 224"),
-    ("--stride", HUGE, "must be from 1 to 224"),
-    ("--size", "225", "must be from 1 to 224 (pixels of the 224x224 crop)"),
-    ("--stride", "0", "must be from 1 to 224"),
+    ("--size", HUGE, "must be from 1 to 1024"),  # (read as a number: bounded far above any network's crop)
+    ("--stride", HUGE, "must be from 1 to 1024"),
+    ("--stride", "0", "must be from 1 to 1024"),
     ("--size", "9" * 5000, "expected an integer, got '9999"),
     ("--batch-size", HUGE, "must be from 1 to 1024"),
 ])
@@ -63,6 +62,18 @@ def test_occlusion_refuses_sizes_beyond_the_crop(option, value, message, image, 
     status, err = zfk(["occlusion", image, option, value, "--out", out, "--device", "cpu"], capsys)
     assert_one_line_error(status, err, "occlusion", f"argument {option}: ", message)
     assert len(err) < 300  # a 5,000-digit number is not echoed whole
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arch, option, value, crop", [
+    ("zfnet", "--size", "225", 224), ("zfnet", "--stride", "225", 224),
+    ("inception_v3", "--size", "300", 299), ("inception_v3", "--stride", "300", 299),  # Inception v3 sees 299x299
+])
+def test_occlusion_squares_are_bounded_by_the_networks_own_crop(arch, option, value, crop, image, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = zfk(["occlusion", image, "--arch", arch, option, value, "--out", out, "--device", "cpu"], capsys)
+    assert_one_line_error(status, err, "occlusion", f"{option}: ",
+                          f"must be from 1 to {crop} (pixels of the {crop}x{crop} crop this network sees), got {value}")
     assert not out.exists()
 
 
@@ -122,6 +133,18 @@ def test_the_largest_seed_builds_the_model_torch_seeds_with_it():
 def test_invariance_refuses_sweeps_beyond_the_window(transform, values, message, image, tmp_path, capsys):
     out = tmp_path / "out"
     status, err = zfk(["invariance", image, "--transform", transform, f"--values={values}", "--out", out], capsys)
+    assert_one_line_error(status, err, "invariance", "--values: ", message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("transform, values, message", [
+    ("translate", "300", "300 is outside -299..299 for translate (a longer shift moves all of the 299x299 crop"),
+    ("scale", "300", "300 is outside 0.003344..299 for scale (past 299 one pixel fills the window"),
+])
+def test_invariance_sweeps_are_bounded_by_the_networks_own_window(transform, values, message, image, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = zfk(["invariance", image, "--arch", "inception_v3", "--transform", transform, f"--values={values}",
+                       "--out", out], capsys)
     assert_one_line_error(status, err, "invariance", "--values: ", message)
     assert not out.exists()
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import models
 from ..errors import UsageError
+from ..graph import unknown_layer_message
 from ..job.console import say
 from ..job.io import OUTPUT_MARKER, atomic_write_text
 from ..models import untrained_warning
@@ -210,6 +211,50 @@ def load_model(arch: str, weights: Optional[str], seed: int, device: torch.devic
     if not models.is_zoo(arch):
         check_engine_runs(arch, model)
     return model.to(device)
+
+
+LAYERS_HELP = ("comma-separated layers: the zoo's conv1 … conv5 (VGG16: conv1_1 … conv5_3), or torchvision's "
+               "feature-extraction node names for other networks (layer2.1.relu_1, features.42 …). Default: every conv "
+               "layer of the zoo, each stage's output of a torchvision family (ResNets: layer1 … layer4; see docs/models.md)")
+
+
+def resolve_layers(text: Optional[str], usable: Sequence[str], default: Sequence[str], what: str = "--layers",
+                   resolve: Optional[Callable[[str], str]] = None) -> List[str]:
+    """A comma-separated layer list (``None``: ``default``) as names of ``usable``, in its
+    (network) order. A name that is not in ``usable`` may stand for one that is through
+    ``resolve`` (a module path for its last node); any other is a one-line
+    :class:`UsageError` with the close names."""
+    if text is None:
+        return list(default)
+    asked = [part.strip() for part in text.split(",") if part.strip()]
+    if not asked:
+        raise UsageError(f"{what}: no layer names given")
+
+    def meaning(name: str) -> Optional[str]:
+        if name in usable:
+            return name
+        try:
+            found = resolve(name) if resolve is not None else None
+        except ValueError:
+            return None
+        return found if found in usable else None
+
+    meant = {name: meaning(name) for name in asked}
+    unknown = [name for name, found in meant.items() if found is None]
+    if unknown:
+        raise UsageError(f"{what}: {unknown_layer_message(unknown[0], list(usable))}")
+    return [name for name in usable if name in meant.values()]
+
+
+def feature_layers(arch: str, model: nn.Module, text: Optional[str]) -> List[str]:
+    """``--layers`` of a command that shows feature maps (``visualize``, ``evolution``): the
+    engine's projectable layers, or a module that holds some (``layer2``: its last one, as for
+    the defaults); by default :func:`zfkernels.models.default_layers` (every conv layer of the
+    zoo, each stage's output of a torchvision family)."""
+    from ..deconvnet import Deconvnet
+
+    dn = Deconvnet(model)
+    return resolve_layers(text, dn.layers, models.default_layers(arch, model), resolve=dn.resolve)
 
 
 def check_engine_runs(arch: str, model: nn.Module) -> None:

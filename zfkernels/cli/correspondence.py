@@ -10,13 +10,14 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import models
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.correspondence import CorrespondenceResult, correspondence, read_parts
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job.console import say
 from .common import (add_model_options, finish_parser, int_in_range, load_model, model_description, model_header,
-                     prepare_out, resolve_device, seed_int, warn_untrained)
+                     prepare_out, resolve_device, resolve_layers, seed_int, warn_untrained)
 
 # Each part and each random trial keeps the sign of every feature of every image (a byte each)
 # until the table is made: the trials are bounded, and so is their memory with the images and
@@ -38,7 +39,8 @@ parts.json:
    "parts": {"left eye": {"dog1.jpg": [x0, y0, x1, y1], "dog2.jpg": [...], ...},
              "nose":     {...}}}
 Images are named by their file name (as in --images); boxes are half-open pixel boxes, by
-default in the 224x224 evaluation crop (Resize(256) + CenterCrop(224)) the network sees.
+default in the evaluation crop the network sees (Resize(256) + CenterCrop(224); Inception v3:
+Resize(342) + CenterCrop(299)).
 """
 
 
@@ -50,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--parts", required=True, metavar="JSON", help="the part boxes (format above)")
     add_model_options(parser)
     parser.add_argument("--layers", metavar="LIST",
-                        help="comma-separated layers: conv layers (conv5, conv5_3 …) or fc6/fc7 "
-                             "(default: the paper's layers 5 and 7: the last conv layer and fc7)")
+                        help="comma-separated layers: conv layers (conv5, conv5_3 …), fc6/fc7, or node names on other "
+                             "networks (layer4.1.relu_1 …) (default: the paper's layers 5 and 7: the last conv layer "
+                             "and fc7; on a network without fc7, its deepest feature map)")
     parser.add_argument("--trials", type=TRIALS, default=10, metavar="N",
                         help=f"random occlusions to compare with, at most {MAX_TRIALS} (default: 10; 0: none)")
     parser.add_argument("--trial-seed", type=seed_int, default=0, metavar="SEED",
@@ -105,17 +108,15 @@ def run(args: argparse.Namespace) -> int:
     fill = diagnostics_common.fill_value(args.fill)
     if len(args.images) < 2:
         raise UsageError("--images: the analysis compares images: give at least two")
-    files, crops = diagnostics_common.load_images(args.images, "--images")
-    parts = read_parts(Path(args.parts), files, _image_sizes(files))
+    preset = models.eval_transform(args.arch)  # the network's sizes
+    files, crops = diagnostics_common.load_images(args.images, "--images", preset)
+    parts = read_parts(Path(args.parts), files, _image_sizes(files), preset)
     model = load_model(args.arch, args.weights, args.seed, device)
     warn_untrained(args)
     paper = diagnostics_common.paper_layers(model)
-    layers = [paper.layer5, paper.layer7] if args.layers is None else [p.strip() for p in args.layers.split(",") if p.strip()]
     extractor = diagnostics_common.FeatureExtractor(model)
-    usable = extractor.conv_layers + extractor.fc_layers
-    bad = [name for name in layers if name not in usable]
-    if not layers or bad:
-        raise UsageError(f"--layers: unknown layer {bad[0] if bad else args.layers!r}; choose from {', '.join(usable)}")
+    layers = resolve_layers(args.layers, extractor.conv_layers + extractor.fc_layers,
+                            list(dict.fromkeys([paper.layer5, paper.layer7])))
     check_sign_memory(extractor, data_mod.normalize(crops[:1]).to(device), layers, len(files), len(parts) + args.trials)
     out = prepare_out(Path(args.out))
     folder = diagnostics_common.subfolder(out, "correspondence")
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     render(folder / "table.png", result)
     document = {
         "command": "correspondence", "model": model_description(args), "layers": layers,
-        "images": [str(f) for f in files], "fill": args.fill, "trials": args.trials, "trial_seed": args.trial_seed,
+        "images": [str(f) for f in files], "crop": preset.crop, "fill": args.fill, "trials": args.trials, "trial_seed": args.trial_seed,
         "statistic": "Delta = sum over pairs i<j of Hamming(sign(eps_i), sign(eps_j)), eps = x - x_occluded; "
                      "mean = Delta / (pairs * D); a part's std is over pairs, Random's mean/std over trials",
         "parts": {name: {"boxes": parts[name], **{layer: vars(c) for layer, c in result.parts[name].items()}}

@@ -9,12 +9,13 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .. import models
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.evolution import feature_evolution, montage, render
 from ..errors import UsageError
 from ..job.console import say
-from ..models import ARCHITECTURES
-from .common import add_device_option, finish_parser, load_model, positive_int, prepare_out, resolve_device
+from .common import (LAYERS_HELP, add_device_option, arch_name, feature_layers, finish_parser, load_model, positive_int,
+                     prepare_out, resolve_device)
 
 DESCRIPTION = """\
 Feature evolution (the paper's Figure 4). For each --checkpoints file (state dicts of the same
@@ -31,10 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PTH",
                         help="state-dict files of --arch (.pth/.pt, loaded with weights_only=True), in training order")
-    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), default="zfnet", help="architecture (default: zfnet)")
+    parser.add_argument("--arch", type=arch_name, default="zfnet", metavar="ARCH",
+                        help="architecture of the checkpoints, as for visualize: zfnet (default), alexnet, vgg16, a "
+                             "torchvision classification builder (resnet50 …) or module.path:callable")
     parser.add_argument("--data", required=True, metavar="DIR", help="image folder, searched recursively")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
-    parser.add_argument("--layers", metavar="LIST", help="comma-separated conv layers (default: every conv layer)")
+    parser.add_argument("--layers", metavar="LIST", help=LAYERS_HELP)
     parser.add_argument("--features", default="0-7", metavar="LIST",
                         help="feature maps of each layer: numbers and ranges, e.g. 0-7,40 (default: 0-7)")
     add_device_option(parser)
@@ -59,20 +62,21 @@ def _load(arch: str, path: Path, device: torch.device) -> nn.Module:
 
 def run(args: argparse.Namespace) -> int:
     """``zfk evolution``; returns the exit status."""
-    from .visualize import resolve_features, resolve_images, resolve_layers
+    from .visualize import resolve_features, resolve_images
 
     device = resolve_device(args.device)
     out_path = Path(args.out)
     images, source = resolve_images(args.data, args.limit, out_path)
+    images = images.seen_as(models.eval_transform(args.arch))  # the network's input size
     reference = load_model(args.arch, None, 0, torch.device("cpu"))  # layer names and sizes only
-    layers = resolve_layers(reference, args.layers)
+    layers = feature_layers(args.arch, reference, args.layers)
     channels = resolve_features(reference, layers, args.features)
     del reference
-    models = load_checkpoints(args.arch, args.checkpoints, device)
+    networks = load_checkpoints(args.arch, args.checkpoints, device)
     out = prepare_out(out_path)
     folder = diagnostics_common.subfolder(out, "evolution")
     say(f"evolution: {len(args.checkpoints)} checkpoint(s), {len(images.files)} images, layers {', '.join(layers)}", args.quiet)
-    result = feature_evolution(models, images, channels, device, batch_size=args.batch_size, quiet=args.quiet)
+    result = feature_evolution(networks, images, channels, device, batch_size=args.batch_size, quiet=args.quiet)
     labels = [diagnostics_common.plain(Path(p).name) for p in args.checkpoints]
     gap = 4
     for layer in layers:

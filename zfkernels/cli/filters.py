@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Dict
 
+from .. import models as models_mod
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.filters import ModelSpec, filter_grid, first_conv, layer2_sheet, parse_compare, render_filters
 from ..errors import UsageError
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         if images is not None:
             layer2 = diagnostics_common.paper_layers(model).layer2
             channels = resolve_features(model, [layer2], args.features)
-            scan, projected = diagnostics_common.top_projections(model, images, channels, args.top, device, batch_size=args.batch_size,
+            seen = images.seen_as(models_mod.eval_transform(spec.arch))  # each network's own input size
+            scan, projected = diagnostics_common.top_projections(model, seen, channels, args.top, device, batch_size=args.batch_size,
                                                       quiet=args.quiet, description=f"{spec.arch} {layer2}")
             tiles = projected.tiles[layer2]
             png = f"layer2-{len(document['models'])}-{spec.arch}.png"

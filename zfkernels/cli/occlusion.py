@@ -8,21 +8,33 @@ from typing import Dict, List
 
 import torch
 
+from .. import models
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.occlusion import grid_boxes, occlusion_grid, occlusion_maps, project_strongest, render, strongest_of
 from ..errors import UsageError
+from ..graph import unknown_layer_message
 from ..job import data as data_mod
 from ..job.console import progress_bar, say
 from .common import (add_label_option, add_model_options, finish_parser, int_in_range, load_model, model_description,
                      model_header, prepare_out, resolve_device, warn_untrained)
 
-# The square and its steps live on the network's 224x224 evaluation crop: a square of 224 already
-# covers all of it, and a step of 224 leaves one position.
-CROP_PIXELS = int_in_range(1, data_mod.CROP, f"pixels of the {data_mod.CROP}x{data_mod.CROP} crop")
+# The square and its steps live on the network's evaluation crop (224x224; Inception v3's
+# 299x299): a square of the crop's side already covers all of it, and a step of it leaves one
+# position. The bound here is far above any network's crop (torchvision's largest is 518); each
+# run checks its own network's (check_on_crop).
+MAX_CROP = 1024
+CROP_PIXELS = int_in_range(1, MAX_CROP, f"pixels of the network's crop, at most {MAX_CROP}x{MAX_CROP}")
+
+
+def check_on_crop(option: str, value: int, crop: int) -> None:
+    """``--size``/``--stride`` on the network's ``crop`` x ``crop`` window, or a one-line error."""
+    if value > crop:
+        raise UsageError(f"{option}: must be from 1 to {crop} (pixels of the {crop}x{crop} crop this network sees), "
+                         f"got {value}")
 
 DESCRIPTION = """\
 Occlusion sensitivity (the paper's Section 4.2, Figure 7). A grey square of --size pixels slides
-over each image's 224x224 evaluation crop in steps of --stride; every occluded copy is evaluated
+over each image's evaluation crop (224x224; 299x299 for Inception v3) in steps of --stride; every occluded copy is evaluated
 (--batch-size at a time). Per image, as functions of the square's position: (b) the total
 activation of the layer-5 feature map that holds the unoccluded image's strongest activation,
 (c) that activation projected to pixels by the deconvnet, (d) the probability of the true class
@@ -38,15 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     add_model_options(parser)
     parser.add_argument("--size", type=CROP_PIXELS, default=50, metavar="PIXELS",
-                        help=f"side of the square, 1-{data_mod.CROP} (default: 50)")
+                        help="side of the square, 1 to the crop's side (224; default: 50)")
     parser.add_argument("--stride", type=CROP_PIXELS, default=8, metavar="PIXELS",
-                        help=f"step between positions, 1-{data_mod.CROP} (default: 8: a 28x28 map on 224x224)")
+                        help="step between positions, 1 to the crop's side (default: 8: a 28x28 map on 224x224)")
     parser.add_argument("--fill", default="mean",
                         help="the square's colour: mean (the ImageNet mean pixel, 0 after normalisation; default), "
                              "grey (128) or a grey level 0-255")
     add_label_option(parser)
     parser.add_argument("--layer", metavar="NAME",
-                        help="the layer whose strongest map is followed (default: the last conv layer, conv5; VGG16 conv5_3)")
+                        help="the layer whose strongest map is followed: a conv layer (conv5 …) or a node name "
+                             "(layer4.1.relu_1 …) (default: the last conv layer, conv5; VGG16 conv5_3; the deepest "
+                             "feature map elsewhere)")
     finish_parser(parser, run)
 
 
@@ -54,14 +68,18 @@ def run(args: argparse.Namespace) -> int:
     """``zfk occlusion``; returns the exit status."""
     device = resolve_device(args.device)
     fill = diagnostics_common.fill_value(args.fill)
-    paths, crops = diagnostics_common.load_images(args.images, "IMAGE")
+    preset = models.eval_transform(args.arch)  # the network's sizes
+    check_on_crop("--size", args.size, preset.crop)
+    check_on_crop("--stride", args.stride, preset.crop)
+    paths, crops = diagnostics_common.load_images(args.images, "IMAGE", preset)
     targets = diagnostics_common.true_classes(paths, args.label)
     model = load_model(args.arch, args.weights, args.seed, device)
     warn_untrained(args)
-    layer = args.layer or diagnostics_common.paper_layers(model).layer5
     extractor = diagnostics_common.FeatureExtractor(model)
+    layer = args.layer or diagnostics_common.paper_layers(model).layer5
     if layer not in extractor.conv_layers:
-        raise UsageError(f"--layer: {layer!r} is not a conv layer of {args.arch}; choose one of {', '.join(extractor.conv_layers)}")
+        raise UsageError(f"--layer: {layer!r} is not a conv layer of {args.arch} "
+                         f"({unknown_layer_message(layer, extractor.conv_layers)})")
     out = prepare_out(Path(args.out))
     folder = diagnostics_common.subfolder(out, "occlusion")
     images = data_mod.normalize(crops).to(device)
@@ -103,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "occlusion", "model": model_description(args),
         "size": args.size, "stride": args.stride, "fill": args.fill, "fill_normalised": fill, "layer": layer,
         "grid": {"rows": rows, "cols": cols,
-                 "rule": "cell (i, j) occludes rows[i] x cols[j] (half-open pixel ranges of the 224x224 crop); "
+                 "rule": f"cell (i, j) occludes rows[i] x cols[j] (half-open pixel ranges of the {preset.crop}x{preset.crop} crop); "
                          "centred on the stride block [i*stride, (i+1)*stride), clipped to the image"},
         "images": entries,
     }

@@ -11,6 +11,7 @@ projects every selection of a layer in batched ``Deconvnet.project`` calls; the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ import torch.nn as nn
 
 from ..deconvnet import MODES, Deconvnet
 from ..errors import UsageError
+from .. import models
 from ..job import data as data_mod
 from ..job import gallery
 from ..job.checkpoint import CheckpointError, ScanState
@@ -36,8 +38,8 @@ from ..job.io import atomic_write_text
 from ..job.project import ProjectionResult, project_selections, selected_images
 from ..job.scan import ScanInterrupted, ScanPlan, ScanResult, map_sizes, num_channels, result_from_state, run_scan
 from ..models import untrained_warning
-from .common import (add_model_options, add_quiet_option, batch_size_int, index_ranges, load_model, non_negative_int,
-                     parse_index_list, positive_int, prepare_out, quoted, resolve_device)
+from .common import (LAYERS_HELP, add_model_options, add_quiet_option, batch_size_int, feature_layers, index_ranges,
+                     load_model, non_negative_int, parse_index_list, positive_int, prepare_out, resolve_device)
 
 T = TypeVar("T")
 DEFAULT_OUT = "zfk-out"
@@ -70,8 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image folder, searched recursively (flat like ImageNet's val, or class subfolders; "
                              "JPEG, PNG and whatever Pillow reads). Default: the sample photographs installed with zfkernels")
     add_model_options(parser)
-    parser.add_argument("--layers", metavar="LIST",
-                        help="comma-separated conv layers, e.g. conv1,conv5 (VGG16: conv5_3). Default: every conv layer")
+    parser.add_argument("--layers", metavar="LIST", help=LAYERS_HELP)
     parser.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
                         help=f"activations per feature map, one per image, so at most the number of images "
                              f"(default: {DEFAULT_TOP})")
@@ -100,20 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # -- argument resolution -----------------------------------------------------------------------
-
-
-def resolve_layers(model: nn.Module, text: Optional[str]) -> List[str]:
-    """``--layers`` in network order; unknown names are an error listing the valid ones."""
-    names = Deconvnet(model).layers
-    if text is None:
-        return list(names)
-    asked = [part.strip() for part in text.split(",") if part.strip()]
-    if not asked:
-        raise UsageError("--layers: no layer names given")
-    unknown = [name for name in asked if name not in names]
-    if unknown:
-        raise UsageError(f"--layers: unknown layer {quoted(unknown[0])}; this network has {', '.join(names)}")
-    return [name for name in names if name in asked]
 
 
 def resolve_features(model: nn.Module, layers: Sequence[str], text: Optional[str]) -> Dict[str, torch.Tensor]:
@@ -190,6 +177,7 @@ def fingerprint(args: argparse.Namespace, images: data_mod.ImageList, layers: Se
         "batch_size": args.batch_size,
         "decoder": decoder,
         "dtype": str(dtype),
+        "transform": dataclasses.astuple(images.transform),
     }
 
 
@@ -280,7 +268,8 @@ def prepare(args: argparse.Namespace, device: torch.device, distributed: Distrib
         model = load_model(args.arch, args.weights, args.seed, device)
     except UsageError as error:  # name the argument, as every other error does (--arch's already do)
         raise UsageError(str(error) if str(error).startswith("--") else f"--weights: {error}") from None
-    layers = resolve_layers(model, args.layers)
+    layers = feature_layers(args.arch, model, args.layers)
+    images = images.seen_as(models.eval_transform(args.arch))  # the network's input size
     channels = resolve_features(model, layers, args.features)
     top = resolve_top(args.top, len(images.files))
     decoder = _pick_decoder(args.decoder, device)
@@ -342,7 +331,7 @@ def render(job: Job, scan: ScanResult, projected: ProjectionResult, pass1_memory
     untrained = args.weights is None
     info = gallery.RunInfo(
         arch=args.arch, weights=args.weights, untrained=untrained, data=job.source,
-        preprocess=data_mod.preprocess_description(job.decoder), top=job.plan.top, images=scan.scanned,
+        preprocess=data_mod.preprocess_description(job.decoder, job.images.transform), top=job.plan.top, images=scan.scanned,
         skipped=len(skipped), mode=args.mode,
         notes=[] if not untrained else [f"Random network seed: {args.seed}."],
     )
@@ -374,9 +363,9 @@ def _topk_document(job: Job, scan: ScanResult, info: gallery.RunInfo) -> Dict[st
     """``topk.json``'s content, whole: the selections with their receptive fields, and how they
     were made."""
     dn = Deconvnet(job.model)
-    crop = (data_mod.CROP, data_mod.CROP)
+    size = job.images.size
     selections = gallery.topk_document(info.arch, info.weights, info.preprocess, scan.layers, job.images.files,
-                                       lambda layer, y, x: dn.receptive_field(layer, y, x, crop))
+                                       lambda layer, y, x: dn.receptive_field(layer, y, x, size))
     return {**selections, "untrained": info.untrained, "mode": info.mode}
 
 
@@ -430,7 +419,7 @@ def _load_resume(resume: bool, checkpoint: Path, plan: ScanPlan, model: nn.Modul
                          f"({', '.join(differ)} differ); rerun with the same arguments, or without --resume to start over")
     try:
         state.check(count=plan.slots.count, slot_size=plan.slots.size, top=plan.top, channels=plan.channels,
-                    map_sizes=map_sizes(model, plan.layers))
+                    map_sizes=map_sizes(model, plan.layers, plan.images.size))
     except CheckpointError as error:
         raise UsageError(f"--resume: checkpoint {checkpoint} {error}") from None
     return state

@@ -32,6 +32,7 @@ from ..job.console import check_files_exist, progress_bar, say
 from ..job.io import atomic_write_bytes, atomic_write_text
 from ..job.project import ProjectionResult, project_selections
 from ..job.scan import ScanPlan, ScanResult, run_scan
+from ..models import ZOO_TRANSFORM, EvalTransform
 
 # -- the paper's layers on our models ------------------------------------------------------------
 
@@ -49,7 +50,10 @@ PAGES = {
 class PaperLayers:
     """The paper's "layer 1", "layer 2", "layer 5" and "layer 7" on a model: the first, second
     and last conv layers (post-ReLU; conv1, conv2, conv5 on ZFNet/AlexNet, conv1_1, conv1_2,
-    conv5_3 on VGG16) and ``fc7``, the post-ReLU output of the classifier's second linear layer."""
+    conv5_3 on VGG16) and ``fc7``, the post-ReLU output of the classifier's second linear layer.
+    A network whose classifier has fewer hidden ReLU layers (torchvision's ResNets, DenseNets …:
+    one linear layer on the pooled maps) has no fc7: its layer 7 is the last hidden layer of the
+    classifier when there is one, else the deepest feature map (layer 5)."""
 
     layer1: str
     layer2: str
@@ -62,9 +66,10 @@ def paper_layers(model: nn.Module) -> PaperLayers:
     extractor = FeatureExtractor(model)
     convs = extractor.conv_layers
     fcs = extractor.fc_layers
-    if len(fcs) < 2:
-        raise ValueError("the model's classifier needs two linear layers followed by ReLUs (fc6, fc7)")
-    return PaperLayers(convs[0], convs[1] if len(convs) > 1 else convs[0], convs[-1], fcs[1])
+    if not convs:
+        raise ValueError("the model has no projectable feature map (a conv followed by a ReLU)")
+    layer7 = fcs[1] if len(fcs) >= 2 else (fcs[-1] if fcs else convs[-1])
+    return PaperLayers(convs[0], convs[1] if len(convs) > 1 else convs[0], convs[-1], layer7)
 
 
 class FeatureExtractor:
@@ -199,14 +204,16 @@ def true_classes(paths: Sequence[Path], labels: Optional[Sequence[str]]) -> List
 # -- images ------------------------------------------------------------------------------------
 
 
-def load_images(paths: Sequence[str], what: str) -> Tuple[List[Path], torch.Tensor]:
-    """Existing image files -> their uint8 ``(N, 3, 224, 224)`` evaluation crops (a missing or
-    unreadable file is a :class:`UsageError` naming it)."""
+def load_images(paths: Sequence[str], what: str,
+                transform: EvalTransform = ZOO_TRANSFORM) -> Tuple[List[Path], torch.Tensor]:
+    """Existing image files -> their uint8 ``(N, 3, crop, crop)`` evaluation crops under the
+    network's ``transform`` (224x224 by default; a missing or unreadable file is a
+    :class:`UsageError` naming it)."""
     files = check_files_exist(paths, what)
     crops = []
     for path in files:
         try:
-            crops.append(data_mod.load_crop(path))
+            crops.append(data_mod.load_crop(path, transform))
         except Exception as error:  # any decoder failure is the user's file
             raise UsageError(f"{what}: cannot read {path} ({data_mod.describe_error(error)})") from None
     return files, torch.stack(crops)

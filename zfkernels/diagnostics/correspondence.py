@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job.console import check_files_exist
-from ..models import channels_last
+from ..models import ZOO_TRANSFORM, EvalTransform, channels_last
 from . import common
 
 COORDINATES = ("crop", "original")
@@ -182,21 +182,23 @@ def _occluded_signs(extractor: common.FeatureExtractor, images: torch.Tensor, ba
 # -- parts.json --------------------------------------------------------------------------------
 
 
-def crop_box(box: Sequence[float], size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+def crop_box(box: Sequence[float], size: Tuple[int, int],
+             transform: EvalTransform = ZOO_TRANSFORM) -> Tuple[int, int, int, int]:
     """A box ``(x0, y0, x1, y1)`` in pixels of an original image of ``size = (width, height)``
-    -> the same region in its 224x224 evaluation crop (Resize(256) then CenterCrop(224)),
-    rounded outwards and clipped to the crop. Raises ``ValueError`` when nothing of it is in
-    the crop."""
+    -> the same region in its evaluation crop (``transform``: Resize(256) then CenterCrop(224)
+    by default), rounded outwards and clipped to the crop. Raises ``ValueError`` when nothing of
+    it is in the crop."""
     w, h = size
-    ow, oh = data_mod.resized_size(w, h)
-    top, left = data_mod.crop_origin(oh, ow)
+    crop = transform.crop
+    ow, oh = data_mod.resized_size(w, h, transform.resize)
+    top, left = data_mod.crop_origin(oh, ow, crop)
     sx, sy = ow / w, oh / h
     x0 = max(0, math.floor(box[0] * sx) - left)
     y0 = max(0, math.floor(box[1] * sy) - top)
-    x1 = min(data_mod.CROP, math.ceil(box[2] * sx) - left)
-    y1 = min(data_mod.CROP, math.ceil(box[3] * sy) - top)
+    x1 = min(crop, math.ceil(box[2] * sx) - left)
+    y1 = min(crop, math.ceil(box[3] * sy) - top)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError("the box lies outside the 224x224 centre crop")
+        raise ValueError(f"the box lies outside the {crop}x{crop} centre crop")
     return x0, y0, x1, y1
 
 
@@ -254,10 +256,12 @@ def read_parts_json(path: Path, what: str) -> object:
         raise UsageError(f"{what}: {error}") from None
 
 
-def read_parts(path: Path, files: Sequence[Path], sizes: Sequence[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+def read_parts(path: Path, files: Sequence[Path], sizes: Sequence[Tuple[int, int]],
+               transform: EvalTransform = ZOO_TRANSFORM) -> Dict[str, torch.Tensor]:
     """``parts.json`` -> ``{part: (N, 4) int64 boxes in crop pixels}``, one box per image of
-    ``files`` (in that order); ``sizes`` are the original ``(width, height)``. Every mistake is
-    a :class:`UsageError` naming the part and the image."""
+    ``files`` (in that order); ``sizes`` are the original ``(width, height)``, ``transform`` the
+    network's evaluation transform (the crop the boxes live in). Every mistake is a
+    :class:`UsageError` naming the part and the image."""
     what = f"--parts {path}"
     document = read_parts_json(Path(path), what)
     if not isinstance(document, dict) or not isinstance(document.get("parts"), dict) or not document["parts"]:
@@ -285,14 +289,14 @@ def read_parts(path: Path, files: Sequence[Path], sizes: Sequence[Tuple[int, int
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
                 raise UsageError(f"{what}: part {part!r}, image {name!r}: a box is [x0, y0, x1, y1] (4 numbers), got {box!r}")
             x0, y0, x1, y1 = box
-            limit_w, limit_h = (data_mod.CROP, data_mod.CROP) if coordinates == "crop" else (width, height)
+            limit_w, limit_h = (transform.crop, transform.crop) if coordinates == "crop" else (width, height)
             if not (0 <= x0 < x1 <= limit_w and 0 <= y0 < y1 <= limit_h):
                 raise UsageError(f"{what}: part {part!r}, image {name!r}: box {box} is not inside the "
                                f"{limit_w}x{limit_h} {'evaluation crop' if coordinates == 'crop' else 'image'} "
                                f"(need 0 <= x0 < x1 <= {limit_w}, 0 <= y0 < y1 <= {limit_h})")
             if coordinates == "original":
                 try:
-                    rows.append(crop_box(box, (width, height)))
+                    rows.append(crop_box(box, (width, height), transform))
                 except ValueError as error:
                     raise UsageError(f"{what}: part {part!r}, image {name!r}: {error}") from None
             else:

@@ -19,16 +19,19 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..job import gallery
-from ..models import ARCHITECTURES
+from ..graph import graph_of
+from ..models import ARCHITECTURES, FACTORY, ArchitectureError, check_arch, torchvision_classifiers
 from . import common
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d:
-    """The model's first convolution (layer 1)."""
-    for module in model.features.modules():
-        if isinstance(module, nn.Conv2d):
-            return module
-    raise ValueError("the model has no convolution in .features")
+    """The model's first convolution in forward order (layer 1), from its traced graph: the
+    stem of a ResNet or an Inception, ``features.0`` of the zoo."""
+    graph = graph_of(model)
+    for name in graph.order:
+        if graph.steps[name].kind == "conv":
+            return graph.steps[name].module
+    raise ValueError("the model has no convolution")
 
 
 def normalise_filters(weight: torch.Tensor) -> torch.Tensor:
@@ -70,11 +73,21 @@ class ModelSpec:
 
 
 def parse_compare(text: str) -> ModelSpec:
-    """``--compare ARCH[:WEIGHTS]`` (WEIGHTS a file or ``torchvision``)."""
-    arch, _, weights = text.partition(":")
-    if arch not in ARCHITECTURES:
-        raise UsageError(f"--compare: unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
-                       "(as ARCH or ARCH:WEIGHTS)")
+    """``--compare ARCH[:WEIGHTS]`` (WEIGHTS a file or ``torchvision``). ARCH is anything
+    ``--arch`` takes (:func:`zfkernels.models.check_arch`); a ``module.path:callable`` factory
+    keeps its own colon, so its weights come after a second one
+    (``mypkg.nets:build:weights.pth``)."""
+    name, _, rest = text.partition(":")
+    attribute, _, after = rest.partition(":")
+    # What follows the first colon is a weights file (or 'torchvision') unless ARCH is no name
+    # the registry knows and it reads as a callable's name, not as a file's.
+    names_weights = (name in ARCHITECTURES or name in torchvision_classifiers() or attribute == "torchvision"
+                     or attribute.endswith((".pth", ".pt")) or not FACTORY.match(f"{name}:{attribute}"))
+    arch, weights = (name, rest) if names_weights else (f"{name}:{attribute}", after)
+    try:
+        check_arch(arch)
+    except ArchitectureError as error:
+        raise UsageError(f"--compare: {error} (as ARCH or ARCH:WEIGHTS)") from None
     return ModelSpec(arch, weights or None)
 
 

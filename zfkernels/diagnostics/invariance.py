@@ -2,8 +2,9 @@
 the probability of the true class changes, as an image is translated vertically, scaled and
 rotated.
 
-Transforms act on the image resized as for evaluation (short side 256), and the network sees
-the usual 224x224 centre window of the result; what comes from outside the resized image is the
+Transforms act on the image resized as for evaluation (short side 256; the network's own
+sizes, :func:`zfkernels.models.eval_transform`: 342 for Inception v3), and the network sees the
+usual 224x224 (299x299) centre window of the result; what comes from outside the resized image is the
 ImageNet mean pixel (0 after normalisation). Exactly:
 
 - ``translate d`` (pixels, whole numbers): the content moves down by ``d`` (up for ``d < 0``),
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..job import data as data_mod
-from ..models import channels_last
+from ..models import ZOO_TRANSFORM, EvalTransform, channels_last
 from . import common
 
 TRANSFORMS = ("translate", "scale", "rotate")
@@ -46,15 +47,17 @@ DEFAULT_VALUES = {
 }
 
 
-def resized(path: Path) -> torch.Tensor:
-    """The uint8 ``(3, h, w)`` image resized as for evaluation (short side 256), before the crop."""
+def resized(path: Path, transform: EvalTransform = ZOO_TRANSFORM) -> torch.Tensor:
+    """The uint8 ``(3, h, w)`` image resized as for evaluation (short side ``transform.resize``,
+    256 by default), before the crop."""
     from torchvision.transforms import functional as TF
 
     image = data_mod.decode(path)
     w, h = image.size
     if max(w, h) > data_mod.EXTREME_ASPECT * min(w, h):
         raise UsageError(f"{path}: an aspect ratio above {data_mod.EXTREME_ASPECT:g} is too elongated to transform")
-    return data_mod.to_chw_uint8(TF.resize(image, data_mod.RESIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True))
+    mode = TF.InterpolationMode(transform.interpolation)
+    return data_mod.to_chw_uint8(TF.resize(image, transform.resize, interpolation=mode, antialias=True))
 
 
 def window_origin(height: int, width: int, crop: int = data_mod.CROP) -> tuple:
@@ -134,11 +137,12 @@ def invariance_curves(
     layers: Sequence[str],
     *,
     batch_size: int = 64,
+    crop: int = data_mod.CROP,
     progress=None,
 ) -> InvarianceCurves:
     """The curves of Figure 5 for each normalised resized image ``(3, h, w)`` (on the model's
-    device) and its true class: every transformed copy goes through the network, ``batch_size``
-    at a time."""
+    device) and its true class: every transformed copy's ``crop`` x ``crop`` window goes through
+    the network, ``batch_size`` at a time."""
     extractor = common.FeatureExtractor(model)
     extractor.check(layers)
     taps = list(layers) + ["logits"]
@@ -149,7 +153,7 @@ def invariance_curves(
     with channels_last(model):  # once for every image: it rewrites each conv weight
         for image, target in zip(images, targets):
             # The untransformed image rides in the same batches as its copies (row 0).
-            copies = transform_images(image, transform, [IDENTITY[transform]] + list(values))
+            copies = transform_images(image, transform, [IDENTITY[transform]] + list(values), crop)
             every = common.forward_batched(extractor, copies, taps, batch_size)
             features = {name: value[1:] for name, value in every.items()}
             for layer in layers:
