@@ -1,10 +1,11 @@
-"""The main job end to end: ``zfk visualize`` (ZFNet, every conv layer, every feature map, top 9)
-over the 800 ImageNet sample photographs, and over the same set repeated 4 times (3,200 images)
-to show that memory does not grow with the dataset.
+"""The main job end to end: ``zfk visualize`` (by default ZFNet, every conv layer, every feature
+map, top 9; ``--arch``/``--layers``/``--features`` choose others) over the 800 ImageNet sample
+photographs, and over the same set repeated 4 times (3,200 images) to show that memory does
+not grow with the dataset.
 
 Measured in the same run:
-  * the bare forward throughput: ``model.features`` on a batch of already decoded, normalised
-    images resident on the device (channels-last, as pass 1 runs it), timed with
+  * the bare forward throughput: the network up to its deepest visualized layer on a batch of
+    already decoded, normalised images resident on the device (channels-last, as pass 1 runs it), timed with
     ``torch.utils.benchmark`` (warm-up, synchronisation);
   * each whole job in a fresh process (so its peak memory is its own): images/s of pass 1 and
     pass 2, the time of each stage (from the job's ``run.json``), peak host and GPU memory.
@@ -12,6 +13,7 @@ Target: pass 1 at >= 70% of the bare forward throughput. From the measured stage
 estimates the time of ImageNet's 50,000 validation images.
 
     python benchmarks/bench_visualize.py --device cpu --json bench-results/bench_visualize.json
+    python benchmarks/bench_visualize.py --device cpu --arch resnet50 --features 0-3 --json bench-results/bench_visualize_resnet50.json
 """
 
 from __future__ import annotations
@@ -30,22 +32,34 @@ import torch.utils.benchmark as benchmark
 
 import zfkernels
 from zfkernels.job import data as data_mod
-from zfkernels import models
+from zfkernels import Deconvnet, models
+from zfkernels.graph import graph_of
+from torchvision.models.feature_extraction import create_feature_extractor
 from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
 IMAGENET_VAL = 50_000
 TARGET = 0.70
+TOP = 9  # zfk visualize's default --top
 
 
-def bare_forward(device: torch.device, batch_size: int, files: List[Path]) -> Dict[str, float]:
-    """Images/s of ``model.features`` alone on decoded images already on the device."""
-    crops = torch.stack([data_mod.load_crop(f) for f in files[:batch_size]])
+def bare_forward(device: torch.device, batch_size: int, files: List[Path], arch: str, layers: List[str]) -> Dict[str, float]:
+    """Images/s of the network alone, up to its deepest visualized layer, on decoded images
+    already on the device (channels-last, as pass 1 runs it): ZFNet's ``model.features``,
+    torchvision's own ``create_feature_extractor`` for the others."""
+    transform = models.eval_transform(arch)
+    crops = torch.stack([data_mod.load_crop(f, transform) for f in files[:batch_size]])
     if crops.shape[0] < batch_size:  # a folder smaller than a batch: repeat it
         crops = crops.repeat((batch_size + crops.shape[0] - 1) // crops.shape[0], 1, 1, 1)[:batch_size]
     x = data_mod.normalize(crops.to(device)).contiguous(memory_format=torch.channels_last)
-    model = models.zfnet(seed=0).eval().to(device).to(memory_format=torch.channels_last)
-    timer = benchmark.Timer("with torch.inference_mode(): model.features(x)", globals={"model": model, "x": x, "torch": torch},
-                            label="zfk visualize", sub_label=f"ZFNet features, batch {batch_size} [{device.type}]",
+    model = models.build(arch, seed=0).eval().to(device).to(memory_format=torch.channels_last)
+    if models.is_zoo(arch):
+        network, what = model.features, f"{arch} features"
+    else:
+        graph = graph_of(model)
+        deepest = max((graph.resolve(name) for name in layers), key=graph.position.__getitem__)
+        network, what = create_feature_extractor(model, [deepest]), f"{arch} up to {deepest}"
+    timer = benchmark.Timer("with torch.inference_mode(): network(x)", globals={"network": network, "x": x, "torch": torch},
+                            label="zfk visualize", sub_label=f"{what}, batch {batch_size} [{device.type}]",
                             description="bare forward", num_threads=torch.get_num_threads())
     measured = timer.blocked_autorange(min_run_time=3.0)
     benchmark.Compare([measured]).print()
@@ -74,17 +88,21 @@ def whole_job(data: Path, out: Path, device: torch.device, batch_size: int, opti
     return summary
 
 
-def estimate_imagenet(job: Dict[str, object]) -> Dict[str, float]:
-    """Seconds for ImageNet val (50,000 images, the same layers and K) from one job's stage costs:
-    pass 1 scales with the images; pass 2 projects as many selections (K per feature map) but
-    records more distinct images (at most one per selection); rendering is per feature map."""
+def estimate_imagenet(job: Dict[str, object], all_projections: int) -> Dict[str, float]:
+    """Seconds for ImageNet val (50,000 images, the same layers and K, every feature map) from
+    one job's stage costs: pass 1 scales with the images; pass 2 makes ``all_projections``
+    (K per feature map of the layers; the job may have projected only some maps) at the job's
+    cost per projection, and records more distinct images (at most one per selection);
+    rendering is per feature map."""
     seconds = job["seconds"]
     pass1 = IMAGENET_VAL / job["pass1_images_per_second"]
     selected = job["selected_images"]
+    scale = all_projections / max(job["projections"], 1)
     per_image_pass2 = (seconds["pass 2"] - seconds.get("pass 2 projection", 0.0)) / max(selected, 1)
-    distinct_at_scale = min(job["projections"], IMAGENET_VAL)
-    pass2 = seconds.get("pass 2 projection", 0.0) + per_image_pass2 * distinct_at_scale
-    return {"pass 1": pass1, "pass 2": pass2, "render": seconds["render"], "total": pass1 + pass2 + seconds["render"]}
+    distinct_at_scale = min(all_projections, IMAGENET_VAL)
+    pass2 = seconds.get("pass 2 projection", 0.0) * scale + per_image_pass2 * distinct_at_scale
+    render = seconds["render"] * scale
+    return {"pass 1": pass1, "pass 2": pass2, "render": render, "total": pass1 + pass2 + render}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -92,6 +110,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--device", default="cuda" if zfkernels.has_cuda() else "cpu")
     parser.add_argument("--images", type=Path, default=SHARED_IMAGES, help="the image folder (default: the 800 samples)")
     parser.add_argument("--repeat", type=int, default=4, help="the second job runs the folder this many times over")
+    parser.add_argument("--arch", default="zfnet", help="zfk visualize's --arch (default: zfnet)")
+    parser.add_argument("--layers", default=None, help="zfk visualize's --layers (default: the arch's default layers)")
+    parser.add_argument("--features", default=None,
+                        help="zfk visualize's --features (pass 2's size; pass 1's forward costs the same)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: the job's own)")
     parser.add_argument("--decoder", default=None, help="zfk visualize's --decoder (default: the job's own)")
@@ -104,11 +126,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     if device.type == "cuda" and not zfkernels.has_cuda():
         sys.exit("bench_visualize: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
     files = sorted(p for p in args.images.iterdir() if p.is_file())
-    bare = bare_forward(device, args.batch_size, files)
+    model = models.build(args.arch, seed=0).eval()
+    layers = args.layers.split(",") if args.layers else models.default_layers(args.arch, model)
+    size = models.eval_transform(args.arch).crop
+    maps = sum(Deconvnet(model).shape_of(name, (size, size))[0] for name in layers)
+    bare = bare_forward(device, args.batch_size, files, args.arch, layers)
     print(f"bare forward: {bare['images_per_second']:.1f} images/s", flush=True)
 
     options = (["--workers", str(args.workers)] if args.workers is not None else []) + (
-        ["--decoder", args.decoder] if args.decoder else [])
+        ["--decoder", args.decoder] if args.decoder else []) + ["--arch", args.arch, "--layers", ",".join(layers)] + (
+        ["--features", args.features] if args.features else [])
     scratch = Path(tempfile.mkdtemp(prefix="zfk-bench-"))
     jobs = {}
     try:
@@ -125,6 +152,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         s = job["seconds"]
         ratio = job["pass1_images_per_second"] / bare["images_per_second"]
         row = {
+            "arch": args.arch,
+            "layers": layers,
+            "features": args.features or "all",
             "images": job["scanned"],
             "pass1_images_per_second": job["pass1_images_per_second"],
             "pass1_vs_bare_forward": ratio,
@@ -132,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             "projections": job["projections"],
             "seconds": s,
             "peak_memory_mb": job["peak_memory_mb"],
-            "imagenet_val_estimate_s": estimate_imagenet(job),
+            "imagenet_val_estimate_s": estimate_imagenet(job, maps * TOP),
         }
         rows.append(row)
         mem, first = job["peak_memory_mb"]["whole run"], job["peak_memory_mb"]["pass 1"]
