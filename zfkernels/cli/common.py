@@ -214,7 +214,8 @@ def load_model(arch: str, weights: Optional[str], seed: int, device: torch.devic
 
 
 LAYERS_HELP = ("comma-separated layers: the zoo's conv1 … conv5 (VGG16: conv1_1 … conv5_3), or torchvision's "
-               "feature-extraction node names for other networks (layer2.1.relu_1, features.42 …). Default: every conv "
+               "feature-extraction node names for other networks (layer2.1.relu_1, features.42 …) or a module holding them "
+               "(layer2: its last). Default: every conv "
                "layer of the zoo, each stage's output of a torchvision family (ResNets: layer1 … layer4; see docs/models.md)")
 
 

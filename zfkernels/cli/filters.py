@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             model = load_model(spec.arch, spec.weights, args.seed, device)
         except UsageError as error:
-            raise UsageError(f"--compare: {error}" if n else str(error)) from None
+            raise UsageError(f"--compare: {str(error).removeprefix('--arch: ')}" if n else str(error)) from None
         if spec.weights is None:
             say(untrained_warning(spec.arch, args.seed))
         models.append(model)

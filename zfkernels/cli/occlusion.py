@@ -32,13 +32,15 @@ def check_on_crop(option: str, value: int, crop: int) -> None:
         raise UsageError(f"{option}: must be from 1 to {crop} (pixels of the {crop}x{crop} crop this network sees), "
                          f"got {value}")
 
+
 DESCRIPTION = """\
 Occlusion sensitivity (the paper's Section 4.2, Figure 7). A grey square of --size pixels slides
-over each image's evaluation crop (224x224; 299x299 for Inception v3) in steps of --stride; every occluded copy is evaluated
-(--batch-size at a time). Per image, as functions of the square's position: (b) the total
-activation of the layer-5 feature map that holds the unoccluded image's strongest activation,
-(c) that activation projected to pixels by the deconvnet, (d) the probability of the true class
-(from the ImageNet synset in the file name, or --label), (e) the most probable class. Writes
+over each image's evaluation crop (224x224; 299x299 for Inception v3) in steps of --stride; every
+occluded copy is evaluated (--batch-size at a time). Per image, as functions of the square's
+position: (b) the total activation of the layer-5 feature map that holds the unoccluded image's
+strongest activation, (c) that activation projected to pixels by the deconvnet, (d) the
+probability of the true class (from the ImageNet synset in the file name, or --label), (e) the
+most probable class. Writes
 --out/occlusion/: a PNG per image, occlusion.json and index.html.
 """
 
