@@ -239,6 +239,30 @@ def test_the_loaders_crop_at_the_networks_own_sizes(arch, tmp_path):
     assert batch.images.shape == (2, 3, preset.crop, preset.crop) and torch.equal(batch.images, want)
 
 
+def test_batched_jpeg_decoding_crops_at_the_networks_own_sizes(tmp_path, device):
+    """The batched (nvjpeg) path resizes on the device to the network's sizes too: as
+    torchvision's tensor transform does it, ``resize`` antialiased then ``center_crop``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    from zfkernels.job import data as data_mod
+    from _visualize import jpeg_decoding_device
+
+    device = jpeg_decoding_device(device)
+    preset = models.eval_transform("inception_v3")
+    root = real_folder(tmp_path / "data", SAMPLE_PHOTOS[:3])
+    images = data_mod.discover(root).seen_as(preset)
+    batch = data_mod.make_loader(images, [(0, [0, 1, 2])], 0, pin_memory=False, gpu_jpeg=True).dataset[0]
+    assert len(batch.encoded) == 3  # all three went to the batched decoder
+    indices, crops, failures = data_mod.decode_on_device(batch, device)
+    assert failures == [] and indices.tolist() == [0, 1, 2] and crops.shape == (3, 3, 299, 299)
+    for row, name in enumerate(images.files):
+        decoded = decode_jpeg(torch.frombuffer(bytearray((root / name).read_bytes()), dtype=torch.uint8),
+                              mode=ImageReadMode.RGB, device=device)
+        want = TF.center_crop(TF.resize(decoded, [342], antialias=True), [299, 299])
+        assert torch.equal(crops[row], want), name
+
+
 @pytest.mark.slow
 def test_inception_v3_sees_its_own_299_pixel_crop(tmp_path, capsys):
     data = real_folder(tmp_path / "data", SAMPLE_PHOTOS[:3])
