@@ -255,7 +255,8 @@ def feature_layers(arch: str, model: nn.Module, text: Optional[str]) -> List[str
     from ..deconvnet import Deconvnet
 
     dn = Deconvnet(model)
-    return resolve_layers(text, dn.layers, models.default_layers(arch, model), resolve=dn.resolve)
+    default = models.default_layers(arch, model) if text is None else []
+    return resolve_layers(text, dn.layers, default, resolve=dn.resolve)
 
 
 def check_engine_runs(arch: str, model: nn.Module) -> None:
