@@ -222,3 +222,27 @@ def test_a_network_the_engine_refuses_and_a_broken_factory_are_one_line(tmp_path
         err = capsys.readouterr().err
         assert status == 2 and f"zfk visualize: error: {message}" in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, arch, weights", [
+    ("alexnet", "alexnet", None),
+    ("alexnet:torchvision", "alexnet", "torchvision"),
+    ("resnet50:/models/r50.pth", "resnet50", "/models/r50.pth"),
+    ("_arch_factory:tiny", "_arch_factory:tiny", None),  # a factory keeps its colon
+    ("mypkg.nets:build:mine.pth", "mypkg.nets:build", "mine.pth"),  # its weights after a second one
+    ("mypkg.nets:build:/w/a:b.pth", "mypkg.nets:build", "/w/a:b.pth"),
+])
+def test_filters_compare_takes_any_arch_and_its_weights(text, arch, weights):
+    from zfkernels.diagnostics.filters import parse_compare
+
+    spec = parse_compare(text)
+    assert (spec.arch, spec.weights) == (arch, weights)
+
+
+@pytest.mark.parametrize("text", ["resnt50", "resnt50:torchvision", "resnt50:weights.pth"])
+def test_filters_compare_refuses_a_misspelt_arch_with_close_names(text):
+    from zfkernels.diagnostics.filters import parse_compare
+    from zfkernels.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--compare: unknown architecture 'resnt50'; did you mean resnet50"):
+        parse_compare(text)
