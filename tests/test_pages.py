@@ -197,8 +197,8 @@ def test_nan_and_inf_activations_reach_topk_json_and_the_page_as_they_are(tmp_pa
     document = json.loads((out / "topk.json").read_text("ascii"))
     assert [(e["image"], e["value"]) for e in document["layers"]["conv1"][0]["top"]] == [
         ("c_white.png", "Infinity"), ("a_black.png", 0.0), ("b_red.png", "NaN"), ("d_green.png", "NaN")]
-    info = gallery.RunInfo(arch="tiny", weights="w.pth", untrained=False, data=str(data), preprocess={}, top=4,
-                           images=4, skipped=0)
+    info = gallery.RunInfo(arch="tiny", weights="w.pth", untrained=False, data=str(data),
+                           preprocess=data_mod.preprocess_description(), top=4, images=4, skipped=0)
     gallery.render_layer(out, "conv1", top, projected.tiles["conv1"], images.files, info, ["conv1"])
     entries = Entries((out / "layer-conv1.html").read_text("utf-8"))
     assert entries.of("f0") == [("+inf", "c_white.png"), ("0", "a_black.png"), ("NaN", "b_red.png"),
