@@ -93,7 +93,9 @@ def configure(extension: Extension) -> Dict[str, object]:
     cpu_only = os.environ.get("ZFK_CPU_ONLY") == "1"
     cuda_home = None if cpu_only else resolve_cuda_home()
     sources = [str(Path("csrc") / "zfkernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for 2.14)
+    # torch picks the C++ standard (C++20 for 2.14). No contraction into fused multiply-adds: the
+    # CPU loops' vector clones (kernels/common.h) must round as the baseline build does.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     info = {"cpu": True, "cuda": False, "cuda_version": None, "cuda_archs": [], "torch": torch.__version__}
     if cuda_home:
         # torch read $CUDA_HOME once, when cpp_extension was imported, and guessed from PATH

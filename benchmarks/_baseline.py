@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +37,24 @@ def _sources_at(rev: str, folder: Path) -> list:
     return sources
 
 
-def build_baseline(rev: str, folder: Path) -> str:
-    """Build ``rev``'s CPU kernels as ``torch.ops.zfkernels_old`` in ``folder``; the library's path."""
+def commit_of(rev: str) -> str:
+    """The full commit hash ``rev`` names (a branch, tag, HEAD~3 or a short hash)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def default_folder(rev: str) -> Path:
+    """A build folder per commit in the temporary directory, so a second run reuses the build
+    (ninja recompiles nothing when the sources are unchanged)."""
+    return Path(tempfile.gettempdir()) / f"zfk-baseline-{commit_of(rev)[:12]}"
+
+
+def build_baseline(rev: str, folder: Optional[Path] = None) -> str:
+    """Build ``rev``'s CPU kernels as ``torch.ops.zfkernels_old`` in ``folder`` (default:
+    :func:`default_folder`); the library's path."""
     from torch.utils import cpp_extension
 
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else default_folder(rev)
     sources = _sources_at(rev, folder / "src")
     build = folder / "build"
     build.mkdir(parents=True, exist_ok=True)
@@ -53,6 +68,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="git revision whose csrc/ to build, e.g. HEAD~3")
-    parser.add_argument("folder", type=Path, help="where to put its sources and build")
+    parser.add_argument("folder", type=Path, nargs="?", help="where to put its sources and build (default: a folder "
+                        "per commit in the temporary directory, reused by later runs)")
     args = parser.parse_args()
     print(build_baseline(args.rev, args.folder))

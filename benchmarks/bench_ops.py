@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -232,7 +231,7 @@ def main(argv: List[str] | None = None) -> None:
     if args.baseline:
         from _baseline import build_baseline
 
-        torch.ops.load_library(build_baseline(args.baseline, Path(tempfile.mkdtemp(prefix="zfk-baseline-"))))
+        torch.ops.load_library(build_baseline(args.baseline))
         old = torch.ops.zfkernels_old
     rows = run(devices, [getattr(torch, name) for name in args.dtype], args.only, old)
     write_results(args.json, rows, "cuda" in devices, argv, baseline=args.baseline)

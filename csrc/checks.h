@@ -36,6 +36,9 @@ inline at::Tensor batched_map(const char* op, const char* name, const at::Tensor
   return t.dim() == 3 ? t.unsqueeze(0) : t;
 }
 
+// Every op's outputs: at::empty, except that large CPU outputs go on huge pages (cpu/output.cpp).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 inline at::Tensor unbatch(const at::Tensor& out, bool batched) {
   return batched ? out : out.squeeze(0);
 }
@@ -69,8 +72,8 @@ inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t 
 // them; PyTorch then returns -inf with an index outside the map, which no switch can encode.
 // Only windows that cross a border can miss, so only those are visited.
 inline int64_t window_without_pixels(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
-  const int64_t inside_lo = imin(ceil_div(p, s), out);
-  const int64_t inside_hi = imax(imin(floor_div(in - 1 - (k - 1) * d + p, s) + 1, out), inside_lo);
+  int64_t inside_lo, inside_hi;
+  windows_inside(in, out, k, s, p, d, &inside_lo, &inside_hi);
   const auto misses = [&](int64_t o) {
     int64_t begin, end;
     taps_inside(o * s - p, k, d, in, &begin, &end);

@@ -27,8 +27,8 @@ inline MaxpoolPlan plan_maxpool_switches(const at::Tensor& input, at::IntArrayRe
   check_windows_read_pixels(op, g);
   const bool channels_last = prefers_channels_last(x);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto out = at::empty({x.size(0), x.size(1), OH, OW}, x.options().memory_format(format));
-  auto switches = at::empty({x.size(0), x.size(1), OH, OW}, x.options().dtype(at::kByte).memory_format(format));
+  auto out = empty_output({x.size(0), x.size(1), OH, OW}, x.options().memory_format(format));
+  auto switches = empty_output({x.size(0), x.size(1), OH, OW}, x.options().dtype(at::kByte).memory_format(format));
   return MaxpoolPlan{g, x, out, switches, channels_last, input.dim() == 4};
 }
 

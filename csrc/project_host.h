@@ -102,7 +102,7 @@ inline at::Tensor project_dense(const ProjectPlan& plan, const at::Tensor& weigh
   const int64_t groups = plan.groups_count;
   if (x.size(0) == 0) {
     return plan.result(
-        at::empty({0, plan.out_channels, plan.geometry.out_h, plan.geometry.out_w}, x.options().memory_format(format)));
+        empty_output({0, plan.out_channels, plan.geometry.out_h, plan.geometry.out_w}, x.options().memory_format(format)));
   }
   if (x.is_cuda() && at::globalContext().userEnabledCuDNN() && at::detail::getCUDAHooks().compiledWithCuDNN()) {
     return plan.result(at::cudnn_convolution_transpose(x, weight, padding, output_padding, stride, dilation, groups,

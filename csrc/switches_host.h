@@ -33,7 +33,7 @@ inline SwitchesPlan plan_switches_to_indices(const at::Tensor& input, at::IntArr
   const PoolGeometry g =
       check_unpool_geometry(op, input_size, switches.size(2), switches.size(3), kernel, stride, padding, dilation);
   const bool channels_last = prefers_channels_last(switches);
-  auto out = at::empty(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
+  auto out = empty_output(switches.sizes(), switches.options().dtype(at::kLong).memory_format(
                                              channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   return SwitchesPlan{g, switches, out, channels_last, input.dim() == 4};
 }
@@ -67,7 +67,7 @@ inline UnpoolPlan plan_unpool(const at::Tensor& y_in, const at::Tensor& switches
   const PoolGeometry g = check_unpool_geometry(op, input_size, y.size(2), y.size(3), kernel, stride, padding, dilation);
   const bool channels_last = prefers_channels_last(y);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto out = at::empty({y.size(0), y.size(1), g.in_h, g.in_w}, y.options().memory_format(format));
+  auto out = empty_output({y.size(0), y.size(1), g.in_h, g.in_w}, y.options().memory_format(format));
   return UnpoolPlan{g, y, switches, out, channels_last, batched};
 }
 

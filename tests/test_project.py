@@ -342,3 +342,49 @@ def test_rejects_tensors_on_different_devices():
         zfkernels.project(x, w.cuda(), channels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"project: channels is on cuda"):
         zfkernels.project(x, w, channels=torch.tensor([0, 1], device="cuda"))
+
+
+def taps_one_by_one(x, weight, channels, s, p, d, groups, acc_dtype):
+    """project(channels=) as its contract spells the arithmetic out: per output element, the taps
+    in (ky, kx) order added one at a time to a zero in the accumulation type, each product rounded
+    before its add (no fused multiply-add), then rounded once to x's dtype. PyTorch's elementwise
+    ops round every product and every sum, so this is bit-exact, whatever loop the CPU runs."""
+    rows, _, h, w = x.shape
+    c_out, per_group, kh, kw = weight.shape
+    oh, ow = (h - 1) * s - 2 * p + d * (kh - 1) + 1, (w - 1) * s - 2 * p + d * (kw - 1) + 1
+    xa, wa = x.to(acc_dtype)[:, 0], weight.to(acc_dtype)[channels]  # (rows, h, w), (rows, C_in/groups, kh, kw)
+    acc = torch.zeros((rows, per_group, oh, ow), dtype=acc_dtype)
+    for ky in range(kh):
+        for kx in range(kw):
+            y0, x0 = ky * d - p, kx * d - p  # input (iy, ix) lands on (iy * s + y0, ix * s + x0)
+            iy = [i for i in range(h) if 0 <= i * s + y0 < oh]
+            ix = [i for i in range(w) if 0 <= i * s + x0 < ow]
+            if not iy or not ix:
+                continue
+            term = torch.zeros_like(acc)
+            term[:, :, iy[0] * s + y0 : iy[-1] * s + y0 + 1 : s, ix[0] * s + x0 : ix[-1] * s + x0 + 1 : s] = (
+                xa[:, None, iy[0] : iy[-1] + 1, ix[0] : ix[-1] + 1] * wa[:, :, ky, kx, None, None])
+            acc = acc + term  # + 0.0 where no tap reaches: exact, as the sum is never -0.0
+    out = torch.zeros((rows, per_group * groups, oh, ow), dtype=acc_dtype)
+    for b, c in enumerate(channels.tolist()):
+        first = c // (c_out // groups) * per_group
+        out[b, first : first + per_group] = acc[b]
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("wshape,s,p,groups,d", [((24, 40, 3, 3), 1, 1, 1, 1),   # conv5-like, a partial channel block
+                                                 ((16, 32, 3, 3), 2, 1, 2, 2),   # grouped, dilated
+                                                 ((8, 20, 5, 5), 2, 0, 1, 1),    # conv2-like
+                                                 ((6, 3, 7, 7), 2, 1, 1, 1),     # conv1-like: few channels
+                                                 ((6, 1, 3, 3), 2, 1, 6, 3)])    # depthwise, dilated
+def test_channels_is_bitwise_the_tap_by_tap_sum(device, dtype, wshape, s, p, groups, d):
+    """Every CPU loop order (channel blocks, padded rows) adds the same products in the shared
+    body's order with the same rounding, on every vector width the library was built for."""
+    if torch.device(device).type == "cuda":
+        pytest.skip("nvcc contracts multiply-adds (--fmad=true); the unfused sum is the CPU's promise")
+    weight, x, channels = make(device, wshape, (9, 8), rows=6, seed=8)
+    weight, x = weight.to(dtype), x.to(dtype)
+    got = zfkernels.project(x, weight, s, p, groups=groups, dilation=d, channels=channels)
+    want = taps_one_by_one(x, weight, channels, s, p, d, groups, torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(got, want)

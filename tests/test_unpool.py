@@ -322,3 +322,38 @@ def test_rejects_rows_with_unbatched_y(device):
     y, switches = valid(device)
     with pytest.raises(ValueError, match=r"unpool: rows= needs a batched y"):
         zfkernels.unpool(y[0], switches, (11, 11), 3, 2, rows=torch.tensor([0], device=device))
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_counts_every_corrupt_switch_inside_and_on_the_border(device, layout_name):
+    """The validation pass tests windows inside the map by a byte compare and border windows
+    (padding, a ceil_mode overhang) by their taps: both kinds are counted, in every layout."""
+    size = (12, 13)
+    _, y, switches = pooled(device, size, 3, 2, 1, True, batch=2, channels=5)  # 7x7 windows, borders all round
+    bad = switches.clone()
+    bad[0, 1, 2, 3] = 9     # inside: beyond the 3x3 window
+    bad[1, 4, 4, 5] = 255   # inside
+    bad[1, 0, 0, 3] = 1     # top border: tap (0, 1) is in the padding row
+    bad[0, 2, 3, 0] = 3     # left border: tap (1, 0) is in the padding column
+    bad[0, 3, 5, 6] = 8     # right border: tap (2, 2) lies past the last column
+    with pytest.raises(ValueError, match=r"unpool: switches hold 5 value\(s\)"):
+        zfkernels.unpool(LAYOUTS[layout_name](y), LAYOUTS[layout_name](bad), size, 3, 2, 1)
+    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 5 value\(s\)"):
+        zfkernels.switches_to_indices(LAYOUTS[layout_name](bad), size, 3, 2, 1)
+
+
+def test_large_outputs_are_ordinary_tensors(device):
+    """Outputs of 2 MiB or more come from a huge-page allocator on the CPU: they still hold the
+    right values, resize, copy, share and free like any tensor."""
+    size = (256, 256)  # 1 x 8 x 256 x 256 float32: exactly 2 MiB
+    _, y, switches = pooled(device, size, 2, 2, 0, False, batch=1, channels=8, seed=13)
+    got = zfkernels.unpool(y, switches, size, 2, 2, rectify=True)
+    assert got.untyped_storage().nbytes() == 2 << 20
+    want = reference.unpool(y, switches, size, 2, 2, rectify=True)
+    assert torch.equal(got, want)
+    clone, view = got.clone(), got[0, 3]
+    got.resize_(2, 8, 256, 256)  # grows the storage: the allocator's blocks are resizable
+    assert torch.equal(got[0], want[0]) and torch.equal(clone, want)
+    got[0, 3].fill_(1.0)
+    del got
+    assert (view == 1.0).all()  # a view keeps the storage alive after its tensor is gone

@@ -34,17 +34,62 @@ void zero_other_groups(const ProjectPlan& plan, const at::Tensor& channels, at::
   });
 }
 
-// Many output channels per group (conv2..conv5, ResNeXt's groups of 16): for each output pixel,
-// the taps of project_pixel in the same order, each adding x * w[channel, :, ky, kx] to all of
-// the group's output channels at once from a copy of the weights laid out (C_out, kH, kW, C_in / groups).
+// The taps of one axis for every output position o, as for_each_axis_tap lists them: entries
+// [begin[o], begin[o + 1]) of (tap, input position). Built once per call, so the pixel loops
+// below run without a division.
+struct AxisTaps {
+  std::vector<int32_t> begin, tap, pos;
+};
+
+AxisTaps axis_taps(int64_t out, int64_t p, int64_t k, int64_t s, int64_t d, int64_t step, int64_t in) {
+  AxisTaps a;
+  a.begin.reserve(out + 1);
+  for (int64_t o = 0; o < out; ++o) {
+    a.begin.push_back(static_cast<int32_t>(a.tap.size()));
+    for_each_axis_tap(static_cast<int32_t>(o + p), static_cast<int32_t>(k), static_cast<int32_t>(s),
+                      static_cast<int32_t>(d), static_cast<int32_t>(step), in, [&](int32_t t, int32_t i) {
+                        a.tap.push_back(t);
+                        a.pos.push_back(i);
+                      });
+  }
+  a.begin.push_back(static_cast<int32_t>(a.tap.size()));
+  return a;
+}
+
+// Many output channels per group (conv2..conv5, ResNeXt's groups of 16): kBlock output channels
+// at a time, for all pixels of the map. Per pixel, the taps of project_pixel in the same (ky, kx)
+// order, each adding x * w[channel, block, ky, kx] to the block's kBlock sums (one vector), from a
+// copy of the weights laid out (C_out, kH, kW, C_in / groups rounded up to kBlock, zero-padded).
+// The sums are kept pixel-major in a small tile, then written plane by plane, contiguously.
+constexpr int64_t kBlock = 16;
+
 template <typename acc_t>
-ZF_CPU_CLONES_WIDE void axpy(acc_t* __restrict__ acc, const acc_t* __restrict__ w, acc_t x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += x * w[i];
+ZF_CPU_CLONES_WIDE void project_block(acc_t* __restrict__ tile, const acc_t* __restrict__ w, int64_t w_tap_stride,
+                                      const acc_t* __restrict__ xv, int64_t in_w, int64_t k_w, const AxisTaps& ys,
+                                      const AxisTaps& xs, int64_t out_h, int64_t out_w) {
+  for (int64_t oy = 0; oy < out_h; ++oy) {
+    for (int64_t ox = 0; ox < out_w; ++ox) {
+      acc_t sum[kBlock] = {};
+      for (int32_t a = ys.begin[oy]; a < ys.begin[oy + 1]; ++a) {
+        const acc_t* x_row = xv + ys.pos[a] * in_w;
+        const acc_t* w_row = w + ys.tap[a] * k_w * w_tap_stride;
+        for (int32_t b = xs.begin[ox]; b < xs.begin[ox + 1]; ++b) {
+          const acc_t x = x_row[xs.pos[b]];
+          const acc_t* wt = w_row + xs.tap[b] * w_tap_stride;
+          for (int64_t j = 0; j < kBlock; ++j) sum[j] += x * wt[j];
+        }
+      }
+      acc_t* t = tile + (oy * out_w + ox) * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) t[j] = sum[j];
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-ZF_CPU_CLONES_WIDE void store_strided(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t stride, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i * stride] = static_cast<scalar_t>(acc[i]);
+ZF_CPU_CLONES_WIDE void store_block(scalar_t* __restrict__ out, const acc_t* __restrict__ tile, int64_t planes,
+                                    int64_t pixels) {
+  for (int64_t j = 0; j < planes; ++j)
+    for (int64_t i = 0; i < pixels; ++i) out[j * pixels + i] = static_cast<scalar_t>(tile[i * kBlock + j]);
 }
 
 template <typename scalar_t>
@@ -54,32 +99,28 @@ void project_rows_by_channel(const ProjectPlan& plan, const at::Tensor& weight, 
   const ProjectGeometry& g = plan.geometry;
   const at::Tensor& x = plan.x;
   const int64_t C = out.size(1), cg = plan.groups.channels, pixels = g.out_h * g.out_w;
-  const auto w_t = weight.permute({0, 2, 3, 1}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const int64_t blocks = (cg + kBlock - 1) / kBlock, cg_padded = blocks * kBlock;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const auto w_t = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).to(acc_type), {0, cg_padded - cg}).contiguous();
   const acc_t* wt = w_t.template const_data_ptr<acc_t>();
-  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const auto x_acc = x.to(acc_type).contiguous();  // the maps, (B, 1, h, w), in the accumulation type
+  const acc_t* xd = x_acc.template const_data_ptr<acc_t>();
   const int64_t* ch = channels.const_data_ptr<int64_t>();
   const int64_t ch_stride = channels.stride(0);
-  const auto xs = strides_of(x);
+  const AxisTaps ys = axis_taps(g.out_h, g.p_h, g.k_h, g.s_h, g.d_h, g.t_h, g.in_h);
+  const AxisTaps xs = axis_taps(g.out_w, g.p_w, g.k_w, g.s_w, g.d_w, g.t_w, g.in_w);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   zero_other_groups<scalar_t>(plan, channels, out);
-  at::parallel_for(0, x.size(0), grain_for(pixels * cg * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(cg);
-    for (int64_t b = begin; b < end; ++b) {
+  // Work items are (row, block of channels).
+  at::parallel_for(0, x.size(0) * blocks, grain_for(pixels * kBlock * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(pixels * kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, block = item % blocks;
       const int64_t filter = ch[b * ch_stride];
-      const acc_t* wb = wt + filter * g.k_h * g.k_w * cg;
-      const scalar_t* xb = xd + b * xs.n;
-      scalar_t* ob = od + (b * C + plan.groups.first_channel(filter)) * pixels;
-      for (int64_t oy = 0; oy < g.out_h; ++oy) {
-        for (int64_t ox = 0; ox < g.out_w; ++ox) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for_each_tap(g, oy, ox, [&](int64_t ky, int64_t kx, int64_t iy, int64_t ix) {
-            axpy<acc_t>(acc.data(), wb + (ky * g.k_w + kx) * cg, static_cast<acc_t>(xb[iy * xs.h + ix * xs.w]), cg);
-          });
-          // One pixel of every plane: consecutive pixels share cache lines, so the planes'
-          // lines stay cached while the row fills them.
-          store_strided<scalar_t, acc_t>(ob + oy * g.out_w + ox, acc.data(), pixels, cg);
-        }
-      }
+      project_block<acc_t>(tile.data(), wt + filter * g.k_h * g.k_w * cg_padded + block * kBlock, cg_padded,
+                           xd + b * g.in_h * g.in_w, g.in_w, g.k_w, ys, xs, g.out_h, g.out_w);
+      scalar_t* ob = od + (b * C + plan.groups.first_channel(filter) + block * kBlock) * pixels;
+      store_block<scalar_t, acc_t>(ob, tile.data(), std::min(kBlock, cg - block * kBlock), pixels);
     }
   });
 }
@@ -177,7 +218,7 @@ at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   if (!channels.has_value()) return project_dense(plan, weight, stride, padding, output_padding, dilation);
   const ProjectGeometry& g = plan.geometry;
   const auto format = project_output_format(plan.x);
-  auto out = at::empty({plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  auto out = empty_output({plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
   if (out.numel() == 0) return plan.result(out);
   const bool nchw = format == at::MemoryFormat::Contiguous;
   const bool by_channel = nchw && plan.groups.channels >= 16;

@@ -28,6 +28,17 @@ RowMap row_map(const std::optional<at::Tensor>& rows) {
   return rows.has_value() ? RowMap{rows->const_data_ptr<int64_t>(), rows->stride(0)} : RowMap{nullptr, 0};
 }
 
+// The plane's sums, rectified when asked (keeping NaN, as torch.relu), into the output: one
+// contiguous pass that vectorises.
+template <typename scalar_t, typename acc_t>
+ZF_CPU_CLONES void store_plane(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t n, bool rectify) {
+  if (rectify) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] < acc_t(0) ? acc_t(0) : acc[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+  }
+}
+
 template <typename scalar_t>
 void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
   const at::Tensor &y = plan.y, &switches = plan.switches;
@@ -54,11 +65,7 @@ void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
           acc[row_origin + ow * g.s_w + offset[sv[oh * g.out_w + ow]]] += static_cast<acc_t>(yv[oh * g.out_w + ow]);
         }
       }
-      scalar_t* o = out + p * pixels;
-      for (int64_t i = 0; i < pixels; ++i) {
-        const acc_t v = acc[i];
-        o[i] = static_cast<scalar_t>((rectify && v < acc_t(0)) ? acc_t(0) : v);
-      }
+      store_plane<scalar_t, acc_t>(out + p * pixels, acc.data(), pixels, rectify);
     }
   });
 }

@@ -81,6 +81,14 @@ ZF_INLINE void covering_windows(int64_t i, int64_t k, int64_t s, int64_t p, int6
   *hi = imin(floor_div(i + p, s) + 1, out);
 }
 
+// Windows [lo, hi) along one axis (of `out`) whose taps all read real pixels: no padding, no
+// border crossed. Switch checks and loops take these without per-tap bounds.
+ZF_INLINE void windows_inside(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d, int64_t* lo,
+                              int64_t* hi) {
+  *lo = imin(ceil_div(p, s), out);
+  *hi = imax(imin(floor_div(in - 1 - (k - 1) * d + p, s) + 1, out), *lo);
+}
+
 // The tap of a window that sits `rel` positions after its origin (rel >= 0), or -1 when rel falls
 // between taps. Undilated windows (the usual case) skip the division.
 ZF_INLINE int64_t tap_at(int64_t rel, int64_t d) {

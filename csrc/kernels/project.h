@@ -35,29 +35,33 @@ ZF_INLINE int32_t first_tap(int32_t off, int32_t k, int32_t s, int32_t d, int32_
   return k;
 }
 
+// One axis of a transposed convolution: input position i reaches output position i * s - p + t * d
+// with tap t. Calls visit(t, i) for every tap t that reaches the output position whose offset is
+// off = o + p, in ascending t. 32-bit arithmetic: output sizes, padding and dilated spans are below
+// 2^30 (checks.h), so off and t * d stay below 2^31; (off - t * d) is an exact multiple of the
+// stride, so truncating division is exact for negative values too.
+template <typename Visit>
+ZF_INLINE void for_each_axis_tap(int32_t off, int32_t k, int32_t s, int32_t d, int32_t step, int64_t in,
+                                 Visit&& visit) {
+  for (int32_t t = first_tap(off, k, s, d, step); t < k; t += step) {
+    const int32_t i = (off - t * d) / s;
+    if (i >= 0 && i < in) visit(t, i);
+  }
+}
+
 // Transposed convolution: x[iy, ix] reaches out[iy * s - p + ky * d, ix * s - p + kx * d] with
 // weight w[ky, kx]. Calls visit(ky, kx, iy, ix) for every tap that reaches output pixel (oy, ox),
-// in (ky, kx) order: the one enumeration behind every projection loop, so all sum in one order.
+// in (ky, kx) order: the one enumeration behind every projection loop (the CPU's tap tables are
+// for_each_axis_tap's lists), so all sum in one order.
 template <typename Visit>
 ZF_INLINE void for_each_tap(const ProjectGeometry& g, int64_t oy, int64_t ox, Visit&& visit) {
-  // 32-bit arithmetic: output sizes, padding and dilated spans are below 2^30 (checks.h), so
-  // oy + p and t * d stay below 2^31. (off - t * d) is an exact multiple of the stride, so
-  // truncating division is exact for negative values too.
-  const int32_t sh = static_cast<int32_t>(g.s_h), sw = static_cast<int32_t>(g.s_w);
-  const int32_t dh = static_cast<int32_t>(g.d_h), dw = static_cast<int32_t>(g.d_w);
-  const int32_t kh = static_cast<int32_t>(g.k_h), kw = static_cast<int32_t>(g.k_w);
-  const int32_t th = static_cast<int32_t>(g.t_h), tw = static_cast<int32_t>(g.t_w);
   const int32_t y_off = static_cast<int32_t>(oy + g.p_h), x_off = static_cast<int32_t>(ox + g.p_w);
-  const int32_t kx_first = first_tap(x_off, kw, sw, dw, tw);
-  for (int32_t ky = first_tap(y_off, kh, sh, dh, th); ky < kh; ky += th) {
-    const int32_t iy = (y_off - ky * dh) / sh;
-    if (iy < 0 || iy >= g.in_h) continue;
-    for (int32_t kx = kx_first; kx < kw; kx += tw) {
-      const int32_t ix = (x_off - kx * dw) / sw;
-      if (ix < 0 || ix >= g.in_w) continue;
-      visit(ky, kx, iy, ix);
-    }
-  }
+  for_each_axis_tap(y_off, static_cast<int32_t>(g.k_h), static_cast<int32_t>(g.s_h), static_cast<int32_t>(g.d_h),
+                    static_cast<int32_t>(g.t_h), g.in_h, [&](int32_t ky, int32_t iy) {
+                      for_each_axis_tap(x_off, static_cast<int32_t>(g.k_w), static_cast<int32_t>(g.s_w),
+                                        static_cast<int32_t>(g.d_w), static_cast<int32_t>(g.t_w), g.in_w,
+                                        [&](int32_t kx, int32_t ix) { visit(ky, kx, iy, ix); });
+                    });
 }
 
 // Output pixel (oy, ox) of one output channel: x is the row's map, w its k_h x k_w filter.
