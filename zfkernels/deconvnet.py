@@ -86,6 +86,7 @@ class Deconvnet:
         self._plans: Dict[str, "_Plan"] = {}
         self._weights: Dict[Tuple[str, torch.dtype, torch.device], Tuple[Tuple[int, ...], torch.Tensor]] = {}
         self._indices: Dict[Tuple[str, torch.Size, torch.device], Tuple[str, torch.Tensor, bool]] = {}
+        self._extents: Dict[Tuple[str, Tuple[int, int], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def resolve(self, layer: str) -> str:
         """The graph step a layer name (node name, alias or module path) stands for."""
@@ -309,12 +310,47 @@ class Deconvnet:
             ):
                 raise ValueError(f"Deconvnet.project: positions hold (y, x) outside the {h}x{w} map of {layer}")
         height, width = rec.images_shape[-2:]
-        out = act.new_zeros((rows.shape[0], 3, height, width))
-        for start in range(0, rows.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
+        batch = rows.shape[0]
+        if batch == 0:
+            return act.new_zeros((0, 3, height, width))
+        if batch <= chunk_size:
+            return self._project_chunk(rec, name, rows, channels, positions, mode)
+        out = act.new_empty((batch, 3, height, width))
+        # Chunks of selections with similar receptive fields on the image: a chunk computes on
+        # boxes of a size common to it, so a chunk of corner activations (fields mostly off
+        # the image) stays small instead of taking the size of a central one.
+        order = None if positions is None else self.field_order(name, positions, (height, width))
+        for start in range(0, batch, chunk_size):
+            part = slice(start, start + chunk_size) if order is None else order[start:start + chunk_size]
             pos = None if positions is None else positions[part]
             out[part] = self._project_chunk(rec, name, rows[part], channels[part], pos, mode)
         return out
+
+    def field_order(self, layer: str, positions: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        """The selections at ``positions`` ``(B, 2)`` of ``layer`` ordered by the height, then
+        the width, of their receptive fields clipped to images of ``image_size`` (a stable
+        sort: ties keep their order)."""
+        name = self.resolve(layer)
+        size = (int(image_size[0]), int(image_size[1]))
+        key = (name, size, positions.device)
+        lengths = self._extents.get(key)
+        if lengths is None:
+            # Boxes go down each axis separately, so the field of (i, i) gives row i's extent
+            # and column i's: one receptive_box per diagonal position.
+            shape = self.layout(size).shapes[name]
+            h, w = int(shape[-2]), int(shape[-1])
+            per_axis: List[List[int]] = [[], []]
+            for i in range(max(h, w)):
+                y0, x0, bh, bw = self.receptive_box(name, min(i, h - 1), min(i, w - 1), size)
+                if i < h:
+                    per_axis[0].append(min(y0 + bh, size[0]) - max(y0, 0))
+                if i < w:
+                    per_axis[1].append(min(x0 + bw, size[1]) - max(x0, 0))
+            lengths = self._extents[key] = tuple(torch.tensor(v, device=positions.device) for v in per_axis)
+        # By height, then width: a chunk's common box is its largest height by its largest
+        # width, and this order keeps both small together better than the area alone would.
+        key = lengths[0][positions[:, 0]] * (size[1] + 1) + lengths[1][positions[:, 1]]
+        return torch.argsort(key, stable=True)
 
     def _plan(self, top: str) -> "_Plan":
         plan = self._plans.get(top)
@@ -736,15 +772,51 @@ class Box:
         return (valid_y[:, None, :, None] & valid_x[:, None, None, :]).to(dtype)
 
     def clip(self, signal: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, "Box"]:
-        """Drop what fell off the map: crop when every selection shares the box, else zero it."""
-        if self.uniform and self.y0.numel():
+        """Drop what fell off the map. A box every selection shares is cropped. Otherwise each
+        selection's box is moved onto the map, on the smallest common size that holds every
+        selection's on-map part (``signal`` is cropped, or gathered where the moves differ), so
+        no later step computes on padding; a box that cannot shrink has its off-map part
+        zeroed in place (``signal`` is the caller's fresh output)."""
+        if self.y0.numel() == 0:
+            return signal, self
+        if self.uniform:
             y0, x0 = int(self.y0[0]), int(self.x0[0])
             top, left = max(0, -y0), max(0, -x0)
             bottom, right = min(self.h, size[0] - y0), min(self.w, size[1] - x0)
             signal = signal[:, :, top:bottom, left:right]
             box = Box(self.y0 + top, self.x0 + left, bottom - top, right - left, uniform=True)
             return signal, box
-        return signal * self.inside(size, signal.dtype), self
+        # Per axis: each selection's on-map extent [lo, hi), their common length, and the origin
+        # that puts a box of that length on the map around the extent (lo, or earlier at the
+        # far edge). One small tensor of bounds, read back once.
+        starts = torch.stack([self.y0, self.x0])
+        lengths = torch.tensor([[self.h], [self.w]], device=starts.device)
+        limits = torch.tensor([[int(size[0])], [int(size[1])]], device=starts.device)
+        lo = starts.clamp(min=0)
+        hi = torch.minimum(starts + lengths, limits)
+        common = (hi - lo).amax(dim=1).clamp(min=1)
+        origin = torch.minimum(lo, limits - common[:, None])
+        shift = origin - starts  # where the new box starts inside the old one, per selection
+        facts = torch.cat([common, (starts < 0).any(dim=1) | (starts + lengths > limits).any(dim=1),
+                           shift.amin(dim=1), shift.amax(dim=1), origin.amin(dim=1) == origin.amax(dim=1)]).tolist()
+        h, w, off_y, off_x, dy_min, dx_min, dy_max, dx_max, same_y, same_x = (int(v) for v in facts)
+        if (h, w) == (self.h, self.w):
+            if off_y or off_x:
+                signal.mul_(self.inside(size, signal.dtype))
+            return signal, self
+        box = Box(origin[0], origin[1], h, w, uniform=bool(same_y and same_x))
+        if dy_min == dy_max and dx_min == dx_max and dy_min >= 0 and dx_min >= 0:
+            return signal[:, :, dy_min:dy_min + h, dx_min:dx_min + w], box
+        ys = shift[0][:, None] + torch.arange(h, device=starts.device)  # (B, h) rows of the old box
+        xs = shift[1][:, None] + torch.arange(w, device=starts.device)
+        valid = ((ys >= 0) & (ys < self.h))[:, :, None] & ((xs >= 0) & (xs < self.w))[:, None, :]
+        flat = ys.clamp(0, self.h - 1)[:, :, None] * self.w + xs.clamp(0, self.w - 1)[:, None, :]
+        batch, channels = signal.shape[:2]
+        picked = signal.reshape(batch, channels, -1).gather(2, flat.view(batch, 1, -1).expand(batch, channels, -1))
+        picked = picked.view(batch, channels, h, w)
+        if dy_min < 0 or dx_min < 0 or dy_max + h > self.h or dx_max + w > self.w:
+            picked.mul_(valid[:, None].to(picked.dtype))
+        return picked, box
 
     def paste(self, signal: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """The box contents placed on a zero (B, C, H, W) map (parts off the map dropped)."""
