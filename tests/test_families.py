@@ -254,3 +254,33 @@ def test_pass_one_taps_yield_node_outputs_and_stop_at_the_deepest_layer():
     assert torch.equal(got[0][1], want["a"]) and torch.equal(got[1][1], want["b"])
     assert map_sizes(model, layers, (64, 64)) == {"layer1.0.relu_1": (16, 16), "layer2": (8, 8)}
     assert num_channels(model, layers) == {"layer1.0.relu_1": 64, "layer2": 128}
+
+
+@pytest.mark.parametrize("name, layer", [("resnet18", "layer1.0.relu_1"), ("vgg16_bn", "features.9")])
+def test_positions_everywhere_in_small_chunks_equal_the_oracle(name, layer):
+    """Activations all over a map, in chunks ordered by their receptive fields: corners, edges and
+    centres share chunks whose boxes are moved onto the map at a smaller common size (the
+    mapping back to the caller's order included); each projection equals the oracle's."""
+    model = family(name)
+    x = images(name)
+    dn = Deconvnet(model)
+    node = dn.resolve(layer)
+    rec = dn.record(x, [layer])
+    h, w = rec.activations[node].shape[-2:]
+    # Every corner and edge, and a grid inside (about 9 x 9 positions: the oracle is float64).
+    along = [torch.unique(torch.cat([torch.arange(0, n, max(1, n // 8)), torch.tensor([n - 1])])) for n in (h, w)]
+    ys, xs = torch.meshgrid(*along, indexing="ij")
+    positions = torch.stack([ys.flatten(), xs.flatten()], dim=1).repeat(2, 1)
+    rows = torch.arange(2).repeat_interleave(ys.numel())
+    act = rec.activations[node]
+    channels = act[rows, :, positions[:, 0], positions[:, 1]].argmax(dim=1)  # a non-zero seed at each
+    order = dn.field_order(layer, positions, tuple(x.shape[-2:]))
+    assert not torch.equal(order, torch.arange(rows.shape[0]))  # the chunks really are reordered
+    ours = dn.project(rec, layer, rows, channels, positions, chunk_size=24)
+    want = graph_oracle(model, x, node, rows, channels, positions)
+    assert bool((want.flatten(1).abs().sum(dim=1) > 0).all())
+    assert relative_error(ours, want) < TOLERANCE
+    # Per selection too (a selection put back in another's place would be off by its whole
+    # norm); looser, since a few projections are small sums of large cancelling terms.
+    per_selection = (ours.double() - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1)
+    assert float(per_selection.max()) < 1e-3
