@@ -102,7 +102,7 @@ def _pool_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator, 
                 ref=lambda x=xin, k=k, s=s, d=d, c=ceil: F.max_pool2d(x, k, s, 0, d, c, return_indices=True),
                 ours=lambda x=xin, k=k, s=s, d=d, c=ceil: zfkernels.maxpool_switches(x, k, s, 0, d, c),
                 before=None if old_pool is None else
-                (lambda x=xin, k=k, s=s, c=ceil: old_pool.maxpool_switches(x, [k, k], [s, s], [0, 0], c)),
+                (lambda x=xin, k=k, s=s, c=ceil, old=old_pool: old.maxpool_switches(x, [k, k], [s, s], [0, 0], c)),
             ))
         _, switches = zfkernels.maxpool_switches(x, k, s, 0, d, ceil)
         _, indices = F.max_pool2d(x, k, s, 0, d, ceil, return_indices=True)
@@ -110,7 +110,8 @@ def _pool_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator, 
         size = (shape[2], shape[3])
         ours = lambda y=y, sw=switches, size=size, k=k, s=s, d=d: zfkernels.unpool(y, sw, size, k, s, 0, d, rectify=True)
         before = None if old_pool is None else (
-            lambda y=y, sw=switches, size=size, k=k, s=s: old_pool.unpool(y, sw, list(size), [k, k], [s, s], [0, 0], None, True))
+            lambda y=y, sw=switches, size=size, k=k, s=s, old=old_pool: old.unpool(
+                y, sw, list(size), [k, k], [s, s], [0, 0], None, True))
         cases.append(dict(
             label="unpool(rectify=True)", sub_label=sub, baseline="aten.max_pool2d_with_indices_backward + relu",
             ref=lambda y=y, x=x, i=indices, k=k, s=s, d=d, c=ceil: aten_unpool(y, x, i, k, s, d, c),
@@ -143,7 +144,8 @@ def _conv_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator, 
                 m, w, s, p, o, groups=g, channels=c),
             ours=ours,
             before=None if old_conv is None else (
-                lambda m=maps, w=weight, s=s, p=p, op=out_pad, c=channels: old_conv.project(m, w, [s, s], [p, p], list(op), c)),
+                lambda m=maps, w=weight, s=s, p=p, op=out_pad, c=channels, old=old_conv: old.project(
+                    m, w, [s, s], [p, p], list(op), c)),
         ))
         if groups > 1:
             cases.append(dict(
