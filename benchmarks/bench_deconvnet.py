@@ -20,13 +20,16 @@ neuron (when Captum is installed; a benchmark-only dependency).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
+from torch.utils.benchmark.utils.common import TaskSpec
 
 import zfkernels
 from zfkernels import models, reference
@@ -146,12 +149,16 @@ class AutogradDeconvnet:
 def captum_deconvolution(model: torch.nn.Module, module: torch.nn.Module, images: torch.Tensor, rows: torch.Tensor,
                          channels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Captum's NeuronDeconvolution, once per neuron (its API takes one neuron index per call)."""
+    import warnings
+
     from captum.attr import NeuronDeconvolution
 
     deconv = NeuronDeconvolution(model, module)
     outs = []
-    for r, c, (y, x) in zip(rows.tolist(), channels.tolist(), positions.tolist()):
-        outs.append(deconv.attribute(images[r:r + 1], neuron_selector=(c, y, x)))
+    with warnings.catch_warnings():  # Captum warns about its hooks and input gradients on every call
+        warnings.simplefilter("ignore", UserWarning)
+        for r, c, (y, x) in zip(rows.tolist(), channels.tolist(), positions.tolist()):
+            outs.append(deconv.attribute(images[r:r + 1], neuron_selector=(c, y, x)))
     return torch.cat(outs)
 
 
@@ -202,19 +209,42 @@ def top_selections(act: torch.Tensor, maps: int, top: int) -> Tuple[torch.Tensor
     return figure2_selections(act, maps, top)
 
 
-def _time(fn, label: str, sub: str, description: str, min_run_time: float) -> benchmark.Measurement:
-    timer = benchmark.Timer("with torch.no_grad(): fn()", globals={"fn": fn, "torch": torch}, label=label,
+def _time(fn, label: str, sub: str, description: str, min_run_time: float,
+          device: torch.device) -> Tuple[torch.Tensor, benchmark.Measurement]:
+    """``fn``'s output and its time. A call longer than ``min_run_time`` (the autograd deconvnet
+    and Captum at 224x224 on a CPU take minutes) is measured once, that first call itself;
+    shorter ones by ``blocked_autorange`` after it."""
+    stmt = "with torch.no_grad(): fn()"
+    timer = benchmark.Timer(stmt, globals={"fn": fn, "torch": torch}, label=label,
                             sub_label=sub, description=description, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    if seconds < min_run_time:
+        return out, timer.blocked_autorange(min_run_time=min_run_time)
+    spec = TaskSpec(stmt, "pass", label=label, sub_label=sub, description=description,
+                    num_threads=torch.get_num_threads())
+    return out, benchmark.Measurement(number_per_run=1, raw_times=[seconds], task_spec=spec)
+
+
+def _difference(ours: torch.Tensor, other: torch.Tensor) -> float:
+    return float((ours - other).norm() / other.norm().clamp_min(1e-30))
 
 
 def run_families(device: torch.device, size: int, chunk: int, captum: bool,
-                 min_run_time: float) -> Tuple[List[Dict[str, object]], str]:
+                 min_run_time: float, archs: List[str]) -> Tuple[List[Dict[str, object]], str]:
     import torchvision
 
     results, rows_out = [], []
     source = ""
     for arch, layer, maps, count, top in FAMILIES:
+        if arch not in archs:
+            continue
         images, source = load_images(count)
         if size != 224:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -236,13 +266,12 @@ def run_families(device: torch.device, size: int, chunk: int, captum: bool,
         def plain() -> torch.Tensor:
             return reference_fn(images, rows, channels, positions, chunk)
 
-        with torch.no_grad():
-            ours_out, ref_out = ours(), plain()
-        error = float((ours_out - ref_out).norm() / ref_out.norm().clamp_min(1e-30))
         sub = f"{arch} {layer}: {rows.shape[0]} projections, {count} images {size}x{size} [{device.type}]"
         label = "pass 2 projections (any ReLU CNN)"
-        measured = {"autograd deconvnet": _time(plain, label, sub, "autograd deconvnet", min_run_time),
-                    "zfkernels": _time(ours, label, sub, "zfkernels", min_run_time)}
+        measured = {}
+        ref_out, measured["autograd deconvnet"] = _time(plain, label, sub, "autograd deconvnet", min_run_time, device)
+        ours_out, measured["zfkernels"] = _time(ours, label, sub, "zfkernels", min_run_time, device)
+        error = _difference(ours_out, ref_out)
         row = dict(model=arch, layer=layer, projections=int(rows.shape[0]), images=count, size=size, device=device.type,
                    reference="plain batched autograd deconvnet", reference_ms=measured["autograd deconvnet"].median * 1e3,
                    zfkernels_ms=measured["zfkernels"].median * 1e3,
@@ -250,17 +279,22 @@ def run_families(device: torch.device, size: int, chunk: int, captum: bool,
         if captum:
             # The layer as a module path (ResNet's stage, VGG's ReLU module): Captum hooks its output.
             module = model.get_submodule(layer)
-            try:
+            if importlib.util.find_spec("captum") is None:
+                print("captum is not installed: its column is left out", flush=True)
+            else:
                 captum_fn = lambda: captum_deconvolution(model, module, images, rows, channels, positions)  # noqa: E731
-                measured["captum"] = _time(captum_fn, label, sub, "Captum NeuronDeconvolution", min_run_time)
+                captum_out, measured["captum"] = _time(captum_fn, label, sub, "Captum NeuronDeconvolution",
+                                                       min_run_time, device)
                 row["captum_ms"] = measured["captum"].median * 1e3
                 row["speedup_vs_captum"] = measured["captum"].median / measured["zfkernels"].median
-            except ImportError:
-                print("captum is not installed: its column is left out", flush=True)
+                # Captum seeds the neuron with 1, we (and the paper) with its activation.
+                seeds = rec.activations[node][rows, channels, positions[:, 0], positions[:, 1]]
+                row["captum_relative_error"] = _difference(ours_out, captum_out * seeds.view(-1, 1, 1, 1))
         results.extend(measured.values())
         rows_out.append(row)
+        captum_text = f"  Captum {row['captum_ms']:9.1f} ms x{row['speedup_vs_captum']:.1f}" if "captum_ms" in row else ""
         print(f"{arch} {layer}: autograd {row['reference_ms']:9.1f} ms  zfkernels {row['zfkernels_ms']:8.1f} ms  "
-              f"x{row['speedup']:.2f}  (rel. difference {error:.1e})", flush=True)
+              f"x{row['speedup']:.2f}  (rel. difference {error:.1e}){captum_text}", flush=True)
     benchmark.Compare(results).print()
     return rows_out, source
 
@@ -272,6 +306,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--layers", nargs="+", default=["conv1", "conv2", "conv3", "conv4", "conv5"],
                         help="figure2: ZFNet's layers")
     parser.add_argument("--size", type=int, default=224, help="families: image side (smaller on a CPU)")
+    parser.add_argument("--models", nargs="+", choices=[f[0] for f in FAMILIES], default=[f[0] for f in FAMILIES],
+                        help="families: which of the two networks")
     parser.add_argument("--captum", action="store_true", help="families: also Captum's NeuronDeconvolution per neuron")
     parser.add_argument("--min-run-time", type=float, default=2.0)
     parser.add_argument("--chunk-size", type=int, default=192, help="selections per batch, both sides")
@@ -283,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit("bench_deconvnet: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
         torch.backends.cudnn.allow_tf32 = False
     if args.suite == "families":
-        rows, source = run_families(device, args.size, args.chunk_size, args.captum, args.min_run_time)
+        rows, source = run_families(device, args.size, args.chunk_size, args.captum, args.min_run_time,
+                                    args.models)
     else:
         rows, source = run(device, args.layers, args.chunk_size)
     write_results(args.json, rows, device.type == "cuda", argv, images=source)
