@@ -186,6 +186,9 @@ def project_selections(
             pixels = crops.float().div_(255)
             for name, per_image in wanted.items():
                 picks = [(row_of[i],) + entry for i in row_of if i in per_image for entry in per_image[i]]
+                if len(picks) > PROJECTION_CHUNK:  # chunks of similar receptive fields: smaller boxes
+                    at = torch.tensor([[e[4], e[5]] for e in picks], dtype=torch.int64)
+                    picks = [picks[k] for k in dn.field_order(name, at, tuple(crops.shape[-2:])).tolist()]
                 for start in range(0, len(picks), PROJECTION_CHUNK):
                     chunk = picks[start:start + PROJECTION_CHUNK]
                     with clock("projection"):
