@@ -156,7 +156,9 @@ KILL_A_WORKER = textwrap.dedent("""
     from zfkernels.job import data
     getitem = data.BatchDataset.__getitem__
     def getitem_or_die(self, k):
-        if k == 6:  # in a worker: as the kernel's out-of-memory killer would
+        # In a worker, as the kernel's out-of-memory killer would. Past the loader's first
+        # prefetch (2 workers x 4 batches), so pass 1 has consumed and checkpointed batches by then.
+        if k == 20:
             os.kill(os.getpid(), signal.SIGKILL)
         return getitem(self, k)
     data.BatchDataset.__getitem__ = getitem_or_die
@@ -170,9 +172,27 @@ def test_a_killed_worker_ends_the_run_with_one_line(forty, tmp_path):
     err = finish(process)
     assert process.returncode == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("zfk visualize: error: pass 1 stopped: a decoding worker died (DataLoader worker (pid")
+    # PyTorch names the dead worker, or (killed while it handed a batch over) the connection broke.
+    assert last.startswith("zfk visualize: error: pass 1 stopped: a decoding worker died (DataLoader worker (pid") or \
+        last.startswith("zfk visualize: error: pass 1 stopped: a decoding worker died (its connection broke"), last
     assert "--resume" in last
     assert not ScanState.load(out / "checkpoint.pt").complete  # the last periodic checkpoint stands
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"), EOFError(),
+                                   RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed. ")])
+def test_a_broken_worker_connection_is_a_dead_worker(error):
+    """The forms a worker's death takes in the main process, each one line naming it."""
+    with pytest.raises(data_mod.WorkersFailed, match=r"^a decoding worker died \((DataLoader worker \(pid 12345\) is "
+                       r"killed by signal: Killed|its connection broke while it sent a batch: \w+)\); see the system log"):
+        with data_mod.worker_guard():
+            raise error
+
+
+def test_other_errors_pass_through_the_worker_guard():
+    with pytest.raises(RuntimeError, match="a bug"):
+        with data_mod.worker_guard():
+            raise RuntimeError("a bug")
 
 
 @pytest.mark.slow

@@ -256,7 +256,12 @@ def test_ctrl_c_in_pass_2_leaves_no_gallery_and_resume_goes_straight_to_pass_2(r
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "zfk visualize: interrupted"
+    # The signal lands in pass 2, or (on a loaded machine) while pass 1 is still closing after
+    # its complete checkpoint: pass 1's own stop then reports it. Either way the run ends with
+    # 130, presents no gallery, and --resume goes straight to pass 2.
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last == "zfk visualize: interrupted" or last.startswith("zfk visualize: interrupted by SIGINT; pass 1"), err
     assert not (out / "index.html").exists()  # nothing presented as a finished gallery
     written = (out / "checkpoint.pt").stat().st_mtime_ns
     status, _, err = zfk(visualize(data, out, *RESUMABLE, "--resume"), capsys)

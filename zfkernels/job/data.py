@@ -528,9 +528,20 @@ def make_loader(
 def end_workers(loader: torch.utils.data.DataLoader) -> None:
     """End ``loader``'s decoding workers now (they exit at once; its iterators yield no more)."""
     init = loader.worker_init_fn
-    stop = _LIVE_STOPS.pop(id(init), None) if init is not None else None
-    if stop is not None:
-        _release(stop)
+    stop = _LIVE_STOPS.get(id(init)) if init is not None else None
+    if stop is None:
+        return
+    while True:
+        try:
+            _release(stop)
+            break
+        except RuntimeError as error:
+            # PyTorch's SIGCHLD handler, reporting a worker that died meanwhile, can interrupt
+            # the releases: release again (extra releases are harmless), or a live worker
+            # would never be told to go.
+            if not is_worker_failure(error):
+                raise
+    _LIVE_STOPS.pop(id(init), None)
 
 
 class WorkersFailed(RuntimeError):
@@ -540,20 +551,53 @@ class WorkersFailed(RuntimeError):
 def is_worker_failure(error: BaseException) -> bool:
     """Whether ``error`` is the DataLoader reporting a worker that died (rather than an error
     in this process): PyTorch raises a plain RuntimeError, from its SIGCHLD handler or while
-    waiting for a batch, whose message starts with this."""
+    waiting for a batch, whose message starts with this. A worker killed while it hands a
+    batch over (a tensor's shared-memory handle) breaks that connection instead: the
+    ``ConnectionError`` or ``EOFError`` of reading from it."""
+    if isinstance(error, (ConnectionError, EOFError)):
+        return True
     return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
+
+
+def _quiet_further_worker_deaths() -> None:
+    """After a dead worker has been reported: PyTorch's SIGCHLD handler would raise the same
+    error again while the loader's iterator shuts down (printed as "Exception ignored in
+    __del__"). Wrap it so that it stays silent about dead workers; anything else it raises
+    still propagates, and a later loader still sees a dead worker when it waits for a batch."""
+    try:
+        previous = signal.getsignal(signal.SIGCHLD)
+    except (AttributeError, ValueError):  # no SIGCHLD on this platform
+        return
+    if not callable(previous) or getattr(previous, "zfk_quiet", False):
+        return
+
+    def quiet(signum: int, frame: object) -> None:
+        try:
+            previous(signum, frame)
+        except RuntimeError as error:
+            if not is_worker_failure(error):
+                raise
+
+    setattr(quiet, "zfk_quiet", True)
+    try:
+        signal.signal(signal.SIGCHLD, quiet)
+    except ValueError:  # not the main thread: signals stay with the main thread
+        pass
 
 
 @contextlib.contextmanager
 def worker_guard(loader: Optional[torch.utils.data.DataLoader] = None) -> Iterator[None]:
     """Around a loop over ``loader``: a worker's death becomes :class:`WorkersFailed` with a
-    one-line message, and the workers end with the block however it ends."""
+    one-line message, and the workers end with the block however it ends. (Only the loader's
+    worker connections can break inside such a loop: zfk opens no other.)"""
     try:
         yield
-    except RuntimeError as error:
+    except (RuntimeError, ConnectionError, EOFError) as error:
         if not is_worker_failure(error):
             raise
-        message = str(error).strip().splitlines()[0]
+        message = str(error).strip().splitlines()[0] if isinstance(error, RuntimeError) else (
+            f"its connection broke while it sent a batch: {type(error).__name__}")
+        _quiet_further_worker_deaths()
         raise WorkersFailed(f"a decoding worker died ({message.rstrip('. ')}); "
                             "see the system log (the kernel's out-of-memory killer?) or use fewer --workers") from None
     finally:
