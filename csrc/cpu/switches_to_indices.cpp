@@ -10,22 +10,24 @@ namespace zfkernels {
 
 namespace {
 
-// Invalid switches among windows [begin, end) of one row of windows: switch_target's full test.
-int64_t count_invalid_in(const uint8_t* row, int64_t sw_stride, int64_t oh, int64_t begin, int64_t end,
-                         const PoolGeometry& g) {
+// Inside the map a window's every tap reads a pixel, so a switch is valid exactly when it is below
+// k_h * k_w: a byte compare that vectorises, where switch_target costs a division per switch.
+ZF_CPU_CLONES_WIDE int64_t count_above(const uint8_t* __restrict__ sw, int64_t n, int32_t taps) {
   int64_t invalid = 0;
-  for (int64_t ow = begin; ow < end; ++ow) {
-    int64_t ih, iw;
-    invalid += switch_target(row[ow * sw_stride], oh, ow, g, &ih, &iw) ? 0 : 1;
-  }
+  for (int64_t i = 0; i < n; ++i) invalid += sw[i] >= taps ? 1 : 0;
   return invalid;
 }
 
-// Inside the map a window's every tap reads a pixel, so a switch is valid exactly when it is below
-// k_h * k_w: a byte compare that vectorises, where switch_target costs a division per switch.
-ZF_CPU_CLONES_WIDE int64_t count_above(const uint8_t* __restrict__ row, int64_t n, int32_t taps) {
-  int32_t invalid = 0;  // n < 2^30 (checks.h)
-  for (int64_t i = 0; i < n; ++i) invalid += row[i] >= taps ? 1 : 0;
+// Invalid switches among windows [begin, end) of one row of windows, by switch_target's full test,
+// leaving out switches from `counted` up (the byte compare has counted those).
+int64_t count_invalid_in(const uint8_t* row, int64_t sw_stride, int64_t oh, int64_t begin, int64_t end, int32_t counted,
+                         const PoolGeometry& g) {
+  int64_t invalid = 0;
+  for (int64_t ow = begin; ow < end; ++ow) {
+    const uint8_t s = row[ow * sw_stride];
+    int64_t ih, iw;
+    invalid += (s < counted && !switch_target(s, oh, ow, g, &ih, &iw)) ? 1 : 0;
+  }
   return invalid;
 }
 
@@ -33,36 +35,41 @@ ZF_CPU_CLONES_WIDE int64_t count_above(const uint8_t* __restrict__ row, int64_t 
 
 int64_t count_invalid_switches_cpu(const at::Tensor& switches, const PoolGeometry& g) {
   const Strides4 ss = strides_of(switches);
-  const int64_t C = switches.size(1);
+  const int64_t C = switches.size(1), planes = switches.size(0) * C;
   const uint8_t* sw = switches.const_data_ptr<uint8_t>();
-  int64_t oh_lo, oh_hi, ow_lo, ow_hi;
-  windows_inside(g.in_h, g.out_h, g.k_h, g.s_h, g.p_h, g.d_h, &oh_lo, &oh_hi);
-  windows_inside(g.in_w, g.out_w, g.k_w, g.s_w, g.p_w, g.d_w, &ow_lo, &ow_hi);
   const int32_t taps = static_cast<int32_t>(g.k_h * g.k_w);
-  // A row of windows (n, oh) holds `lanes` channels c0, c0 + 1, ... whose switches of window ow
-  // start at row + c * ss.c + ow * ss.w; when its inside windows' switches are one contiguous run
-  // (NCHW rows, or channels-last with all channels), that run takes the byte compare.
-  const auto row_invalid = [&](const uint8_t* row, int64_t oh, int64_t lanes) {
-    const bool inside_row = oh >= oh_lo && oh < oh_hi;
-    const bool contiguous = (lanes == 1 && ss.w == 1) || (lanes == C && ss.c == 1 && ss.w == C);
-    const int64_t lo = (inside_row && contiguous) ? ow_lo : g.out_w, hi = (inside_row && contiguous) ? ow_hi : g.out_w;
-    int64_t invalid = lo < hi ? count_above(row + lo * ss.w, (hi - lo) * lanes, taps) : 0;
-    for (int64_t c = 0; c < lanes; ++c)
-      invalid += count_invalid_in(row + c * ss.c, ss.w, oh, 0, lo, g) + count_invalid_in(row + c * ss.c, ss.w, oh, hi, g.out_w, g);
-    return invalid;
-  };
-  const bool channels_last = C > 1 && ss.c == 1 && ss.w == C;
-  const int64_t lanes = channels_last ? C : 1;
-  const int64_t rows = switches.size(0) * (channels_last ? 1 : C) * g.out_h;
-  return at::parallel_reduce(
-      0, rows, grain_for(g.out_w * lanes), int64_t(0),
-      [&](int64_t begin, int64_t end, int64_t invalid) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t oh = r % g.out_h, rest = r / g.out_h;
-          const int64_t n = channels_last ? rest : rest / C, c = channels_last ? 0 : rest % C;
-          invalid += row_invalid(sw + n * ss.n + c * ss.c + oh * ss.h, oh, lanes);
+  // Dense switches (NCHW or channels-last): one byte compare over the whole tensor counts every
+  // switch of k_h * k_w or more, wherever it is; then only the windows that cross a border (a few
+  // rows and columns) need switch_target's test. Other layouts take that test everywhere.
+  const bool dense = switches.is_contiguous() || switches.is_contiguous(at::MemoryFormat::ChannelsLast);
+  int64_t oh_lo = 0, oh_hi = 0, ow_lo = 0, ow_hi = 0;
+  if (dense) {
+    windows_inside(g.in_h, g.out_h, g.k_h, g.s_h, g.p_h, g.d_h, &oh_lo, &oh_hi);
+    windows_inside(g.in_w, g.out_w, g.k_w, g.s_w, g.p_w, g.d_w, &ow_lo, &ow_hi);
+  }
+  const int32_t counted = dense ? taps : 256;
+  int64_t invalid = !dense ? 0 : at::parallel_reduce(
+      0, switches.numel(), at::internal::GRAIN_SIZE, int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t sum) { return sum + count_above(sw + begin, end - begin, taps); },
+      std::plus<int64_t>());
+  const int64_t border = g.out_h * g.out_w - (oh_hi - oh_lo) * (ow_hi - ow_lo);
+  if (border == 0) return invalid;
+  return invalid + at::parallel_reduce(
+      0, planes, grain_for(border), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t sum) {
+        for (int64_t p = begin; p < end; ++p) {
+          const uint8_t* plane = sw + (p / C) * ss.n + (p % C) * ss.c;
+          for (int64_t oh = 0; oh < g.out_h; ++oh) {
+            const uint8_t* row = plane + oh * ss.h;
+            if (oh >= oh_lo && oh < oh_hi) {
+              sum += count_invalid_in(row, ss.w, oh, 0, ow_lo, counted, g) +
+                     count_invalid_in(row, ss.w, oh, ow_hi, g.out_w, counted, g);
+            } else {
+              sum += count_invalid_in(row, ss.w, oh, 0, g.out_w, counted, g);
+            }
+          }
         }
-        return invalid;
+        return sum;
       },
       std::plus<int64_t>());
 }
