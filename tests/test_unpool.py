@@ -336,9 +336,10 @@ def test_counts_every_corrupt_switch_inside_and_on_the_border(device, layout_nam
     bad[1, 0, 0, 3] = 1     # top border: tap (0, 1) is in the padding row
     bad[0, 2, 3, 0] = 3     # left border: tap (1, 0) is in the padding column
     bad[0, 3, 5, 6] = 8     # right border: tap (2, 2) lies past the last column
-    with pytest.raises(ValueError, match=r"unpool: switches hold 5 value\(s\)"):
+    bad[1, 2, 6, 2] = 200   # bottom border, beyond the window: counted once
+    with pytest.raises(ValueError, match=r"unpool: switches hold 6 value\(s\)"):
         zfkernels.unpool(LAYOUTS[layout_name](y), LAYOUTS[layout_name](bad), size, 3, 2, 1)
-    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 5 value\(s\)"):
+    with pytest.raises(ValueError, match=r"switches_to_indices: switches hold 6 value\(s\)"):
         zfkernels.switches_to_indices(LAYOUTS[layout_name](bad), size, 3, 2, 1)
 
 
