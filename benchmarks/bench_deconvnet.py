@@ -9,12 +9,16 @@ reference unpool, ReLU) on the same recording.
 projections) and VGG16-BN at ``features.42`` (conv5_3's ReLU; 64 maps x top 9 of 16 images =
 576), each against the plain batched autograd deconvnet: every selection's image forward
 (torchvision's ``create_feature_extractor``, ReLU backward swapped for ``relu(signal)``), the
-seed, one backward per chunk. Both sides include their forward (ours: one ``record`` per image
-set, then ``project``). With ``--captum``, also Captum's ``NeuronDeconvolution`` once per
-neuron (when Captum is installed; a benchmark-only dependency).
+seed, one backward per chunk of 16 selections (its memory: every saved activation of the
+chunk's images). Both sides include their forward (ours: one ``record`` per image set, then
+``project`` in chunks of 64). With ``--captum``, also Captum's ``NeuronDeconvolution`` once per
+neuron (when Captum is installed; a benchmark-only dependency; without it the column is left out
+with a message). Calls longer than ``--min-run-time`` are timed once (VGG16-BN's autograd
+deconvnet takes ~20 minutes at 224x224 on one CPU core).
 
     python benchmarks/bench_deconvnet.py --device cpu --json bench-results/bench_deconvnet.json
-    python benchmarks/bench_deconvnet.py --suite families --size 128 --json bench-results/bench_families.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_deconvnet.py --device cpu --suite families --captum \
+        --json bench-results/bench_deconvnet_families_cpu.json
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ def _difference(ours: torch.Tensor, other: torch.Tensor) -> float:
     return float((ours - other).norm() / other.norm().clamp_min(1e-30))
 
 
-def run_families(device: torch.device, size: int, chunk: int, captum: bool,
+def run_families(device: torch.device, size: int, chunk: int, reference_chunk: int, captum: bool,
                  min_run_time: float, archs: List[str]) -> Tuple[List[Dict[str, object]], str]:
     import torchvision
 
@@ -264,7 +268,7 @@ def run_families(device: torch.device, size: int, chunk: int, captum: bool,
             return dn.project(recording, layer, rows, channels, positions, chunk_size=chunk)
 
         def plain() -> torch.Tensor:
-            return reference_fn(images, rows, channels, positions, chunk)
+            return reference_fn(images, rows, channels, positions, reference_chunk)
 
         sub = f"{arch} {layer}: {rows.shape[0]} projections, {count} images {size}x{size} [{device.type}]"
         label = "pass 2 projections (any ReLU CNN)"
@@ -273,6 +277,7 @@ def run_families(device: torch.device, size: int, chunk: int, captum: bool,
         ours_out, measured["zfkernels"] = _time(ours, label, sub, "zfkernels", min_run_time, device)
         error = _difference(ours_out, ref_out)
         row = dict(model=arch, layer=layer, projections=int(rows.shape[0]), images=count, size=size, device=device.type,
+                   chunk_size=chunk, reference_chunk_size=reference_chunk,
                    reference="plain batched autograd deconvnet", reference_ms=measured["autograd deconvnet"].median * 1e3,
                    zfkernels_ms=measured["zfkernels"].median * 1e3,
                    speedup=measured["autograd deconvnet"].median / measured["zfkernels"].median, relative_error=error)
@@ -310,7 +315,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="families: which of the two networks")
     parser.add_argument("--captum", action="store_true", help="families: also Captum's NeuronDeconvolution per neuron")
     parser.add_argument("--min-run-time", type=float, default=2.0)
-    parser.add_argument("--chunk-size", type=int, default=192, help="selections per batch, both sides")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="selections per batch (figure2: both sides, default 192; families: ours, default 64)")
+    parser.add_argument("--reference-chunk-size", type=int, default=16,
+                        help="families: the autograd deconvnet's selections per backward (it keeps every activation "
+                             "of the chunk's images: VGG16-BN at 224x224 needs ~160 MB per selection)")
     parser.add_argument("--json", type=Path, default=Path("bench-results/bench_deconvnet.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -319,10 +328,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit("bench_deconvnet: --device cuda, but no GPU is visible or the CUDA kernels were not compiled")
         torch.backends.cudnn.allow_tf32 = False
     if args.suite == "families":
-        rows, source = run_families(device, args.size, args.chunk_size, args.captum, args.min_run_time,
-                                    args.models)
+        rows, source = run_families(device, args.size, args.chunk_size or 64, args.reference_chunk_size, args.captum,
+                                    args.min_run_time, args.models)
     else:
-        rows, source = run(device, args.layers, args.chunk_size)
+        rows, source = run(device, args.layers, args.chunk_size or 192)
     write_results(args.json, rows, device.type == "cuda", argv, images=source)
 
 

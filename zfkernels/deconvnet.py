@@ -695,10 +695,45 @@ def _transpose(signal: Signal, shape: torch.Size, below_shape: torch.Size, windo
         out = ops.project(signal.value, weight, window.stride, window.padding, below, groups=groups,
                           dilation=window.dilation, channels=signal.channels)
         return Signal(out, Box.whole(out.shape[0], below[0], below[1], out.device))
-    out = ops.project(signal.value, weight, window.stride, 0, groups=groups, dilation=window.dilation,
-                      channels=signal.channels)
+    if signal.channels is None and groups == 1 and signal.value.device.type == "cpu":
+        out = _project_as_matmul(signal.value, weight, window)
+    else:
+        out = None
+    if out is None:
+        out = ops.project(signal.value, weight, window.stride, 0, groups=groups, dilation=window.dilation,
+                          channels=signal.channels)
     value, new_box = box.down(window).clip(out, below)
     return Signal(value, new_box)
+
+
+MATMUL_MIN_PIXELS = 100  # below this a box's batched matrix products are too small to beat oneDNN
+FOLD_MAX_CHANNELS = 4  # oneDNN's transposed convolution is slow onto this few channels (the stem)
+
+
+def _project_as_matmul(x: torch.Tensor, weight: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
+    """``ops.project(x, weight, stride, 0, dilation=...)`` on the CPU as matrix products where
+    oneDNN's transposed convolution is slow: a 1x1 filter is one product per selection (placed
+    on the stride's grid), and a projection onto at most FOLD_MAX_CHANNELS maps (a network's
+    first convolution) is the product with every tap followed by ``F.fold``. ``None`` where
+    neither applies or the box is too small to gain. The same arithmetic, summed in another
+    order (the tests hold both to the float64 oracle)."""
+    batch, c_out, h, w = x.shape
+    if h * w < MATMUL_MIN_PIXELS or x.dtype not in (torch.float32, torch.float64):
+        return None
+    c_in, k_h, k_w = weight.shape[1], weight.shape[2], weight.shape[3]
+    (s_h, s_w), (d_h, d_w) = window.stride, window.dilation
+    size = ((h - 1) * s_h + window.span(0), (w - 1) * s_w + window.span(1))  # as Box.down
+    if (k_h, k_w) == (1, 1):
+        product = torch.matmul(weight.view(c_out, c_in).t(), x.reshape(batch, c_out, h * w)).view(batch, c_in, h, w)
+        if (s_h, s_w) == (1, 1):
+            return product
+        out = x.new_zeros((batch, c_in) + size)
+        out[:, :, ::s_h, ::s_w] = product
+        return out
+    if c_in <= FOLD_MAX_CHANNELS:
+        columns = torch.matmul(weight.reshape(c_out, -1).t(), x.reshape(batch, c_out, h * w))
+        return F.fold(columns, size, (k_h, k_w), dilation=(d_h, d_w), stride=(s_h, s_w))
+    return None
 
 
 # -- boxes ---------------------------------------------------------------------------------------
