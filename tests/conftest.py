@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import signal
+
 import pytest
 import torch
 
 import zfkernels
 
 from _skips import pytest_runtest_makereport  # noqa: F401 (a hook: pytest finds it in this module)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests send SIGINT to runs (Ctrl-C) and check the default handler is put back. A test
+    runner started in the background by a shell inherits SIGINT *ignored*, which its
+    subprocesses would inherit too: give the runner Python's default handler (children then
+    start with the system default)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 CUDA_REASON = "no CUDA GPU visible, or the CUDA kernels were not compiled"
 DEVICES = [
