@@ -31,9 +31,8 @@ def is_cuda_skip(item: pytest.Item, reason: str) -> bool:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("CI") != "true" or not report.skipped or hasattr(report, "wasxfail"):
-        return
-    reason = skip_reason(report)
-    if not is_cuda_skip(item, reason):
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: only CUDA tests may skip, but this one skipped: {reason}"
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = skip_reason(report)
+        if not is_cuda_skip(item, reason):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: only CUDA tests may skip, but this one skipped: {reason}"
