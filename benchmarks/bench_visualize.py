@@ -42,16 +42,18 @@ TARGET = 0.70
 TOP = 9  # zfk visualize's default --top
 
 
-def bare_forward(device: torch.device, batch_size: int, files: List[Path], arch: str, layers: List[str]) -> Dict[str, float]:
-    """Images/s of the network alone, up to its deepest visualized layer, on decoded images
-    already on the device (channels-last, as pass 1 runs it): ZFNet's ``model.features``,
-    torchvision's own ``create_feature_extractor`` for the others."""
+def bare_forward(device: torch.device, batch_size: int, files: List[Path], arch: str, model: torch.nn.Module,
+                 layers: List[str]) -> Dict[str, float]:
+    """Images/s of the network alone on decoded images already on the device (channels-last, as
+    pass 1 runs it): the zoo's whole ``model.features`` (the default layers reach its end), and
+    torchvision's own ``create_feature_extractor`` up to the deepest visualized layer for the
+    others."""
     transform = models.eval_transform(arch)
     crops = torch.stack([data_mod.load_crop(f, transform) for f in files[:batch_size]])
     if crops.shape[0] < batch_size:  # a folder smaller than a batch: repeat it
         crops = crops.repeat((batch_size + crops.shape[0] - 1) // crops.shape[0], 1, 1, 1)[:batch_size]
     x = data_mod.normalize(crops.to(device)).contiguous(memory_format=torch.channels_last)
-    model = models.build(arch, seed=0).eval().to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     if models.is_zoo(arch):
         network, what = model.features, f"{arch} features"
     else:
@@ -130,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     layers = args.layers.split(",") if args.layers else models.default_layers(args.arch, model)
     size = models.eval_transform(args.arch).crop
     maps = sum(Deconvnet(model).shape_of(name, (size, size))[0] for name in layers)
-    bare = bare_forward(device, args.batch_size, files, args.arch, layers)
+    bare = bare_forward(device, args.batch_size, files, args.arch, model, layers)
     print(f"bare forward: {bare['images_per_second']:.1f} images/s", flush=True)
 
     options = (["--workers", str(args.workers)] if args.workers is not None else []) + (

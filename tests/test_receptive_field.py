@@ -192,9 +192,9 @@ def test_cropped_projection_equals_the_full_computation_at_the_borders(arch, siz
             assert not outside.any(), f"{layer} selection {b}: signal outside its receptive field"
 
 
-def test_single_activation_cost_does_not_grow_with_the_image(monkeypatch):
-    """The tensors that go through the kernels for an interior activation have the same shapes
-    on a 224x224 and a 448x448 image: only the receptive field is computed."""
+def _record_kernel_inputs(monkeypatch) -> List[Tuple[str, Tuple[int, ...]]]:
+    """Wrap ops.project and ops.unpool so that each call appends ``(op, input shape)`` to the
+    returned list."""
     shapes: List[Tuple[str, Tuple[int, ...]]] = []
     real_project, real_unpool = ops.project, ops.unpool
 
@@ -208,6 +208,13 @@ def test_single_activation_cost_does_not_grow_with_the_image(monkeypatch):
 
     monkeypatch.setattr(ops, "project", project)
     monkeypatch.setattr(ops, "unpool", unpool)
+    return shapes
+
+
+def test_single_activation_cost_does_not_grow_with_the_image(monkeypatch):
+    """The tensors that go through the kernels for an interior activation have the same shapes
+    on a 224x224 and a 448x448 image: only the receptive field is computed."""
+    shapes = _record_kernel_inputs(monkeypatch)
     monkeypatch.setattr("zfkernels.deconvnet.FOLD_MAX_CHANNELS", 0)  # conv1 through ops.project too, so it is seen
     model = models.zfnet(seed=0).eval()
     seen = []
@@ -245,19 +252,7 @@ def test_resnet_boxes_are_the_union_over_branches():
 
 def _kernel_shapes(monkeypatch, dn: Deconvnet, layer: str, sides, position) -> List[List[Tuple[str, Tuple[int, ...]]]]:
     """The shapes that reach ops.project / ops.unpool projecting one activation, per image side."""
-    shapes: List[Tuple[str, Tuple[int, ...]]] = []
-    real_project, real_unpool = ops.project, ops.unpool
-
-    def project(x, *args, **kwargs):
-        shapes.append(("project", tuple(x.shape)))
-        return real_project(x, *args, **kwargs)
-
-    def unpool(y, *args, **kwargs):
-        shapes.append(("unpool", tuple(y.shape)))
-        return real_unpool(y, *args, **kwargs)
-
-    monkeypatch.setattr(ops, "project", project)
-    monkeypatch.setattr(ops, "unpool", unpool)
+    shapes = _record_kernel_inputs(monkeypatch)
     seen = []
     for side in sides:
         images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
