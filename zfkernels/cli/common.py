@@ -117,6 +117,23 @@ MAX_BATCH = 1024  # copies of a 224x224 image per forward pass; beyond it only t
 batch_size_int = int_in_range(1, MAX_BATCH, "images per forward pass")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (no affinity outside Linux)
+        return os.cpu_count() or 1
+
+
+# More decoding processes than CPUs only compete for them (PyTorch warns past this count).
+workers_int = int_in_range(0, usable_cpus(), "decoding processes: at most one per CPU this process may use")
+
+
+def default_workers(preferred: int) -> int:
+    """``preferred`` decoding processes, or fewer on a machine with fewer CPUs."""
+    return min(preferred, usable_cpus())
+
+
 def label_text(text: str) -> str:
     """An argparse type for ``--label``: a number too long to be a class index 0-999 is refused
     as it is read (past 4,300 digits Python would not even convert it); the rest is checked
