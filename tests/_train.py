@@ -5,6 +5,7 @@ same thread count)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Sequence
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,21 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """:func:`single_thread` as a fixture (import it into a test module to use it)."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, emptied after the test: full-size runs write 250 MB a checkpoint, and pytest
+    keeps the last runs' folders."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def env() -> Dict[str, str]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from _train import single_thread
+from _train import one_thread  # noqa: F401 (a fixture)
 from _train_data import SIZE, disc_folder
 from zfkernels import models
 from zfkernels.cli import main
@@ -23,12 +23,6 @@ from zfkernels.train import data as train_data
 
 QUICK = ["--resize", str(SIZE), "--crop", "64", "--device", "cpu", "--workers", "0", "--quiet"]
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
-
-
-@pytest.fixture
-def one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

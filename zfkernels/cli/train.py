@@ -10,9 +10,12 @@ from typing import Callable, Dict, Optional
 from ..errors import UsageError
 from ..job.console import say
 from ..train import TRAIN_ARCHITECTURES, TrainConfig, Training
-from ..train.loop import STATE, config_of, load_state
-from ..train.recipe import INITS, Recipe
-from .common import add_device_option, add_quiet_option, non_negative_int, positive_int, prepare_out, resolve_device
+from ..train.bounds import BOUNDS, FieldError
+from ..train.loop import Diverged
+from ..train.recipe import INITS, PAPER, Recipe
+from ..train.state import STATE, load_state
+from .common import (add_device_option, add_quiet_option, default_workers, prepare_out, quoted, resolve_device,
+                     workers_int)
 
 DESCRIPTION = """\
 Train a network with Zeiler & Fergus's recipe (Section 3 of the paper): SGD with momentum on
@@ -30,28 +33,33 @@ same result. Under `torchrun --nproc-per-node N -m zfkernels train ...` it runs 
 
 RECIPE = Recipe()
 CONFIG = TrainConfig(data="")
+RECIPES = ("default", "paper")
+WORKERS = 4  # data-loading processes by default (fewer on a machine with fewer CPUs)
 # Options that shape the result: with --resume they come from the run's state, so none may be given.
-RUN_OPTIONS = ("data", "arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "dropout", "renorm", "init",
-               "init_std", "plateau_patience", "seed", "resize", "crop", "ten_crop", "width", "weights", "save_every",
-               "device")
+RUN_OPTIONS = ("data", "arch", "recipe", "epochs", "batch_size", "lr", "momentum", "weight_decay", "dropout", "renorm",
+               "init", "init_std", "warmup", "plateau_patience", "seed", "resize", "crop", "ten_crop", "width", "weights",
+               "save_every", "device")
 
 
-def _positive_float(text: str) -> float:
-    return _float_at_least(text, 0.0, strict=True)
+def option_type(name: str) -> Callable[[str], object]:
+    """The argparse type of the run's number ``name``: read as its kind, then checked against
+    :data:`zfkernels.train.bounds.BOUNDS` (the same check a resumed state's configuration and the
+    Python API get); the message quotes what was typed."""
+    bound = BOUNDS[name]
 
+    def parse(text: str) -> object:
+        try:
+            value = bound.kind(text)
+        except (ValueError, OverflowError):  # (also an integer past Python's 4,300-digit limit)
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if bound.kind is int else 'a number'}, got {quoted(text)}") from None
+        try:
+            return bound.check(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {bound.describe()}, got {quoted(text)}") from None
 
-def _non_negative_float(text: str) -> float:
-    return _float_at_least(text, 0.0, strict=False)
-
-
-def _float_at_least(text: str, low: float, strict: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > low if strict else value >= low):  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"expected a {'positive' if strict else 'non-negative'} number, got {text!r}")
-    return value
+    parse.__name__ = bound.kind.__name__
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,50 +71,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--arch", choices=TRAIN_ARCHITECTURES, default=None,
         help="zfnet (default), alexnet, or ZFNet without fc6+fc7, conv3+conv4, or all four (the paper's Table 3)")
     add("--out", required=True, metavar="DIR", help="output folder: checkpoints, metrics, curves, training state")
-    number: Dict[str, Callable[[str], object]] = {"positive": _positive_float, "non-negative": _non_negative_float}
-    for flag, kind, value, text in (
-            ("--epochs", positive_int, RECIPE.epochs, "epochs to train"),
-            ("--batch-size", positive_int, RECIPE.batch_size, "global minibatch, over all processes"),
-            ("--lr", number["positive"], RECIPE.lr, "initial learning rate"),
-            ("--momentum", number["non-negative"], RECIPE.momentum, "SGD momentum"),
-            ("--weight-decay", number["non-negative"], RECIPE.weight_decay,
-             "L2 weight decay on every parameter (the paper states none; this is AlexNet's)"),
-            ("--dropout", number["non-negative"], RECIPE.dropout, "dropout probability in fc6 and fc7 (0: off)"),
-            ("--renorm", number["non-negative"], RECIPE.renorm,
-             "radius: after every step each conv filter whose RMS exceeds it is rescaled to it (0: off)"),
-            ("--init-std", number["positive"], RECIPE.init_std, "std of the N(0, std) weights of --init paper "
-             "(and of the classifier's last layer under --init kaiming)"),
-            ("--plateau-patience", non_negative_int, RECIPE.plateau_patience,
-             "epochs without a lower validation error before the learning rate drops x0.1"),
-            ("--seed", int, CONFIG.seed, "seed of the initialisation, the data order, crops, flips and dropout"),
-            ("--resize", positive_int, CONFIG.resize, "short side the images are resized to, and the side of "
-             "the centre square the crops are taken from (smaller values train quick experiments)"),
-            ("--crop", positive_int, CONFIG.crop, "side of the random training crops and of the validation crop"),
-            ("--width", number["positive"], CONFIG.width, "multiplies the number of filters of every conv layer and "
-             "the units of fc6/fc7 (1: the paper's network; other widths load only into zfk train and zfk probe)"),
-            ("--save-every", non_negative_int, CONFIG.save_every,
-             "also save the training state every N steps within an epoch (0: only after each epoch)"),
+    add("--recipe", choices=RECIPES, default=None,
+        help="default: the paper's recipe with the deviations docs/train.md names (initialisation, warm-up); paper: "
+             f"the paper's own ({', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in PAPER.items())}). "
+             "Options given with it change it further")
+    for name, text in (
+            ("epochs", "epochs to train"),
+            ("batch_size", "global minibatch, over all processes"),
+            ("lr", "learning rate, reached after the warm-up (default: 0.01 x --batch-size / 128, the paper's 0.01 "
+                   "at its minibatch of 128 scaled linearly)"),
+            ("momentum", "SGD momentum"),
+            ("weight_decay", "L2 weight decay on every parameter (the paper states none; this is AlexNet's)"),
+            ("dropout", "dropout probability in fc6 and fc7 (0: off)"),
+            ("renorm", "radius: after every step each conv filter whose RMS exceeds it is rescaled to it (0: off)"),
+            ("init_std", "std of every weight under --init paper"),
+            ("warmup", "steps over which the learning rate rises linearly to --lr; the plateau rule waits for them"),
+            ("plateau_patience", "epochs without a lower validation error, after the warm-up, before the learning "
+                                 "rate drops x0.1 at the next one"),
+            ("seed", "seed of the initialisation, the data order, crops, flips and dropout"),
+            ("resize", "short side the images are resized to, and the side of the centre square the crops are taken "
+                       "from (smaller values train quick experiments)"),
+            ("crop", "side of the random training crops and of the validation crop, at least the smallest image "
+                     "the network takes (63 for ZFNet)"),
+            ("width", "multiplies the number of filters of every conv layer and the units of fc6/fc7 (1: the paper's "
+                      "network; zfk probe --width loads checkpoints of other widths)"),
+            ("save_every", "also save the training state every N steps within an epoch (0: only after each epoch)"),
     ):
-        add(flag, type=kind, default=None, metavar="N" if kind in (positive_int, non_negative_int, int) else "X",
-            help=f"{text} (default: {value})")
+        default = getattr(RECIPE if hasattr(RECIPE, name) else CONFIG, name)
+        add("--" + name.replace("_", "-"), type=option_type(name), default=None,
+            metavar="N" if BOUNDS[name].kind is int else "X", help=text if default is None else f"{text} (default: {default:g})")
     add("--init", choices=INITS, default=None,
-        help="weight initialisation: kaiming (default: He et al. for layers followed by a ReLU, N(0, 0.01) for the "
-             "classifier, biases 0), paper (every weight N(0, 0.01), biases 0: learns only after a long plateau), "
-             "or torchvision (PyTorch's layer defaults)")
+        help="weight initialisation: kaiming (default: He et al.'s N(0, 2/fan-in) for conv layers, LeCun's "
+             "N(0, 1/fan-in) for linear layers, biases 0), paper (every weight N(0, --init-std), biases 0: learns only "
+             "after a long plateau) or torchvision (PyTorch's layer defaults)")
     add("--ten-crop", action="store_true", default=None,
         help="validate on ten crops per image (corners, centre and their mirror images, softmax averaged)")
     add("--weights", metavar="PATH", help="start from this state dict of --arch (weights_only=True; 'torchvision': "
         "torchvision's cached AlexNet file) instead of --init")
     add("--resume", action="store_true",
         help=f"continue the run in --out from its {STATE}; no other option but --workers and --quiet may be given")
-    add("--workers", type=non_negative_int, default=4, metavar="N", help="data-loading processes (default: 4)")
+    add("--workers", type=workers_int, default=None, metavar="N",
+        help=f"data-loading processes, at most one per CPU (default: {WORKERS}, or the CPUs if fewer)")
     add_device_option(parser)
     add_quiet_option(parser)
     parser.set_defaults(run=run)
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
-    """The run's configuration from the options (the recipe's defaults where none is given)."""
+    """The run's configuration from the options: the recipe chosen (``--recipe``), then each
+    option given."""
     if args.data is None:
         raise UsageError("--data is required (or --resume to continue a run)")
 
@@ -114,20 +127,16 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name, None)
         return default if value is None else value
 
-    recipe = Recipe(**{name: pick(name, getattr(RECIPE, name)) for name in RECIPE.as_dict()})
+    preset = {**RECIPE.as_dict(), **(PAPER if args.recipe == "paper" else {})}
     # Absolute paths: --resume may run from another working directory.
     weights = args.weights if args.weights in (None, "torchvision") else os.path.abspath(args.weights)
-    return TrainConfig(data=os.path.abspath(args.data), arch=pick("arch", CONFIG.arch), recipe=recipe, weights=weights,
-                       **{name: pick(name, getattr(CONFIG, name))
-                          for name in ("seed", "resize", "crop", "ten_crop", "width", "save_every")})
-
-
-def check_sizes(config: TrainConfig) -> None:
-    if config.crop > config.resize:
-        raise UsageError(f"--crop {config.crop} is larger than --resize {config.resize} (crops are cut from the "
-                         "centre --resize square)")
-    if config.arch == "alexnet" and config.width != 1:
-        raise UsageError("--width: alexnet is built at width 1 only (torchvision's AlexNet)")
+    try:
+        recipe = Recipe(**{name: pick(name, value) for name, value in preset.items()})
+        return TrainConfig(data=os.path.abspath(args.data), arch=pick("arch", CONFIG.arch), recipe=recipe,
+                           weights=weights, **{name: pick(name, getattr(CONFIG, name))
+                                               for name in ("seed", "resize", "crop", "ten_crop", "width", "save_every")})
+    except FieldError as error:  # a combination of options (each alone was checked as it was read)
+        raise UsageError(f"--{error.field.replace('_', '-')}: {error.problem}") from None
 
 
 def check_out(out: Path, data: Path) -> None:
@@ -139,8 +148,16 @@ def check_out(out: Path, data: Path) -> None:
                          "another folder")
 
 
+def config_of(state: Dict[str, object], out: Path) -> TrainConfig:
+    """The configuration a state holds, checked as the options would be."""
+    try:
+        return TrainConfig.from_dict(state.get("config"))
+    except ValueError as error:
+        raise UsageError(f"--resume {out}: {STATE} does not hold a usable run: config: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """``zfk train``; returns the exit status."""
+    """``zfk train``; returns the exit status (1 for a run that diverged)."""
     out = Path(args.out)
     state: Optional[dict] = None
     if args.resume:
@@ -149,17 +166,25 @@ def run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"--resume continues the run with its own arguments (saved in {STATE}); drop {flags}")
         state = load_state(out)
-        config = config_of(state)
-        device = resolve_device(state.get("device"))
+        config = config_of(state, out)
+        if state.get("device") not in ("cpu", "cuda"):
+            raise UsageError(f"--resume {out}: {STATE} does not hold a usable run: device {quoted(repr(state.get('device')))} "
+                             "is neither cpu nor cuda")
+        device = resolve_device(state["device"])
     else:
         config = config_from(args)
-        check_sizes(config)
         check_out(out, Path(config.data))
         device = resolve_device(args.device)
-    training = Training(config, out, device, workers=args.workers, quiet=args.quiet, resume=state)
+    workers = default_workers(WORKERS) if args.workers is None else args.workers
+    training = Training(config, out, device, workers=workers, quiet=args.quiet, resume=state)
     if state is None and training.dist.rank == 0:
         prepare_out(out)
-    rows = training.run()
+    try:
+        rows = training.run()
+    except Diverged as error:
+        if training.dist.rank == 0:
+            say(f"zfk train: error: {error}")
+        return 1
     last = rows[-1]
     say(f"train: {len(rows)} epochs, val top-1 {last['val_top1']:.4f}, top-5 {last['val_top5']:.4f} -> {out}",
         args.quiet or training.dist.rank != 0)

@@ -78,7 +78,8 @@ def make_classifier(kind: str, seed: int):
     if kind not in CLASSIFIERS:
         raise ValueError(f"make_classifier: kind must be one of {', '.join(CLASSIFIERS)}, not {kind!r}")
     linear = (LogisticRegression(C=1.0, max_iter=2000) if kind == "softmax"
-              else LinearSVC(C=1.0, max_iter=5000, random_state=seed))
+              # scikit-learn's seeds are 32-bit; ours go up to 2^64 - 1
+              else LinearSVC(C=1.0, max_iter=5000, random_state=seed % 2**32))
     return make_pipeline(StandardScaler(), linear)
 
 

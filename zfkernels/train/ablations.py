@@ -20,13 +20,15 @@ torchvision's AlexNet), so their checkpoints load unchanged in every ``zfk`` com
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, List
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 import torch.nn as nn
 import torchvision
 
+from ..errors import UsageError
 from ..models import ZFNet
+from .bounds import MAX_SIDE, non_finite
 
 # Removed layers of each ablation, by the paper's layer numbers (3, 4: conv3, conv4; 6, 7: fc6, fc7).
 ABLATIONS: Dict[str, FrozenSet[int]] = {
@@ -101,3 +103,51 @@ def build_network(arch: str, num_classes: int = 1000, dropout: float = 0.5, widt
     if arch == "zfnet" and width == 1:
         return ZFNet(num_classes, dropout)
     return AblatedZFNet(ABLATIONS.get(arch, frozenset()), num_classes, dropout, width)
+
+
+def smallest_input(model: nn.Module, largest: int) -> Optional[int]:
+    """The side of the smallest square image ``model`` takes, up to ``largest`` (``None``: not
+    even that). Each size is tried with a forward on the meta device (shapes only: no memory, no
+    arithmetic of ours, ``model`` left as it is); larger inputs give larger maps, so a bisection
+    finds it."""
+    meta = {name: torch.empty_like(value, device="meta")
+            for name, value in list(model.named_parameters()) + list(model.named_buffers())}
+
+    def takes(side: int) -> bool:
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(model, meta, (torch.empty(1, 3, side, side, device="meta"),))
+        except RuntimeError:  # "Output size is too small" at some pooling or convolution
+            return False
+        return True
+
+    if not takes(largest):
+        return None
+    low, high = 1, largest  # takes(high) holds throughout
+    while low < high:
+        middle = (low + high) // 2
+        if takes(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def check_crop(model: nn.Module, crop: int, name: str) -> None:
+    """Refuse (:class:`UsageError`, naming ``--crop``) a crop smaller than ``model`` takes, before
+    anything runs: not a failing forward after an epoch's decoding. ``name`` names the network."""
+    smallest = smallest_input(model, MAX_SIDE)
+    if smallest is None:
+        raise UsageError(f"--crop {crop}: {name} takes no image up to {MAX_SIDE}x{MAX_SIDE} pixels")
+    if crop < smallest:
+        raise UsageError(f"--crop {crop}: {name} takes images of at least {smallest}x{smallest} pixels (smaller ones "
+                         "leave a pooling layer nothing to pool)")
+
+
+def check_finite(model: nn.Module, weights: object) -> None:
+    """Refuse (:class:`UsageError`, naming ``--weights``) weights holding a NaN or an infinity: a
+    run from them could only diverge, and a probe of them would be noise."""
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise UsageError(f"--weights {weights}: {bad[0]} holds NaN or infinite values"
+                         f"{f' (and {len(bad) - 1} other tensors)' if len(bad) > 1 else ''}")

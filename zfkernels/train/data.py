@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 
 from ..errors import UsageError
 from ..job import data as job_data
+from .bounds import wrap_seed
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class EpochPlan:
 
 def epoch_plan(count: int, resize: int, crop: int, seed: int, epoch: int) -> EpochPlan:
     """The random choices of ``epoch`` for ``count`` training images, from ``(seed, epoch)`` only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a distinct stream per (seed, epoch)
+    generator = torch.Generator().manual_seed(wrap_seed(seed * 1_000_003 + epoch))  # a stream per (seed, epoch)
     order = torch.randperm(count, generator=generator)
     span = resize - crop + 1
     top = torch.randint(0, span, (count,), generator=generator)
@@ -215,7 +216,9 @@ def ignore_interrupts(_: int) -> None:
 
 def make_loader(dataset: torch.utils.data.Dataset, batches: Sequence[Sequence[object]], workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A loader yielding :class:`LoadedBatch` for each list of dataset items in ``batches``."""
+    """A loader yielding :class:`LoadedBatch` for each list of dataset items in ``batches``, with
+    at most one worker per batch (more would only wait)."""
+    workers = min(workers, len(batches))
     crop = dataset.crop
     shape = (10, 3, crop, crop) if getattr(dataset, "ten_crop", False) else (3, crop, crop)
     return torch.utils.data.DataLoader(

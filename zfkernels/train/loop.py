@@ -4,8 +4,9 @@ DistributedDataParallel under ``torchrun``.
 **Files in the output folder.** After epoch ``n``: ``epoch-NNN.pth`` (the model's plain state
 dict, which ``zfk visualize --weights``, ``zfk evolution --checkpoints`` and ``zfk filters`` load
 as it is), ``metrics.json`` and ``curves.png``. ``train-state.pth`` holds everything a resumed run
-needs: the configuration, the model, the optimiser's momentum, the scheduler, every process's RNG
-state and the position in the epoch (which global batches are done). It is written after every
+needs: the configuration, the model, the optimiser's momentum, the learning-rate schedule, every
+process's RNG state and the position in the epoch (which global batches are done), checked part
+by part when it is read (:mod:`.state`). It is written after every
 epoch, every ``save_every`` steps, and when the run is stopped; each file is written atomically,
 and the state last, so a run killed at any instant leaves files that agree with a state on disk.
 
@@ -24,9 +25,10 @@ batch's mean even where shares differ (the last batch, skipped files). Validatio
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -43,12 +45,13 @@ from ..job.io import atomic_write
 from ..job.signals import StopRequest
 from ..models import load_weights
 from . import data as train_data
-from .ablations import build_network
-from .recipe import Recipe, initialise, make_optimizer, make_scheduler, renormalise_filters
-from .report import CURVES, finite, plot_curves, write_metrics
+from . import state as saved
+from .ablations import TRAIN_ARCHITECTURES, build_network, check_crop, check_finite
+from .bounds import FieldError, check_fields, shown, wrap_seed
+from .recipe import Recipe, Schedule, initialise, make_optimizer, renormalise_filters
+from .report import CURVES, METRICS, plot_curves, write_metrics
+from .state import STATE, STATE_VERSION
 
-STATE = "train-state.pth"
-STATE_VERSION = 1
 IMAGENET_OUTPUTS = 1000  # the zoo's head: checkpoints of up to 1000 classes load in every zfk command
 
 
@@ -76,14 +79,33 @@ class TrainConfig:
     weights: Optional[str] = None
     save_every: int = 1000
 
+    def __post_init__(self) -> None:
+        check_fields({k: v for k, v in self.as_dict().items() if k != "recipe"})
+        if not isinstance(self.recipe, Recipe):
+            raise FieldError("recipe", f"is a {type(self.recipe).__name__}, not a Recipe")
+        if self.arch not in TRAIN_ARCHITECTURES:
+            raise FieldError("arch", f"must be one of {', '.join(TRAIN_ARCHITECTURES)}, got {shown(self.arch)}")
+        for name in ("data", "weights"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (name == "weights" and value is None)):
+                raise FieldError(name, f"must be a path, got {shown(value)}")
+        if not isinstance(self.ten_crop, bool):
+            raise FieldError("ten_crop", f"must be true or false, got {shown(self.ten_crop)}")
+        if self.crop > self.resize:
+            raise FieldError("crop", f"{self.crop} is larger than --resize {self.resize} (crops are cut from the "
+                                     "centre --resize square)")
+        if self.arch == "alexnet" and self.width != 1:
+            raise FieldError("width", "alexnet is built at width 1 only (torchvision's AlexNet)")
+
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Dict[str, object]) -> "TrainConfig":
-        values = dict(values)
-        values["recipe"] = Recipe(**values["recipe"])
-        return cls(**values)
+    def from_dict(cls, values: object) -> "TrainConfig":
+        """The configuration a state holds, checked field by field (a ``ValueError`` says which)."""
+        saved.check_keys("config", values, [f.name for f in fields(cls)])
+        saved.check_keys("config: recipe", values["recipe"], [f.name for f in fields(Recipe)])
+        return cls(**{**values, "recipe": Recipe(**values["recipe"])})
 
 
 def preprocess_description(config: TrainConfig) -> Dict[str, object]:
@@ -110,7 +132,8 @@ def preprocess_description(config: TrainConfig) -> Dict[str, object]:
 class Progress:
     """Where the run is: ``epoch`` (0-based) in progress, global ``step`` batches of it done,
     the epoch's summed loss and image count so far, its seconds so far, the finished epochs'
-    metrics and the skipped files (path -> reason)."""
+    metrics, the skipped files (path -> reason), and where the loss stopped being finite
+    (``{"epoch", "step"}``, 1-based; ``None`` while it is)."""
 
     epoch: int = 0
     step: int = 0
@@ -119,6 +142,11 @@ class Progress:
     seconds: float = 0.0
     metrics: List[Dict[str, object]] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    diverged: Optional[Dict[str, int]] = None
+
+
+class Diverged(Exception):
+    """The training loss stopped being finite: the run is recorded as diverged and stops."""
 
 
 def resolve_train_device(device: torch.device) -> torch.device:
@@ -148,7 +176,8 @@ class Training:
         self.quiet = quiet or self.dist.rank != 0
         self.train_split, self.val_split = train_data.load_folder(Path(config.data))
         self.classes = self.train_split.classes
-        self.model = self.build_model()
+        self.model = self.build_model(weights=config.weights if resume is None else None)
+        check_crop(self.model, config.crop, f"{config.arch} at width {config.width:g}")
         if self.cuda:
             self.model.to(memory_format=torch.channels_last)  # faster convolutions; the state dict stays plain
         self.network: nn.Module = self.model
@@ -156,11 +185,12 @@ class Training:
             self.network = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.cuda else None)
         self.optimizer = make_optimizer(self.model, self.recipe)
-        self.scheduler = make_scheduler(self.optimizer, self.recipe)
+        self.schedule = Schedule()
+        self.batches_per_epoch = -(-len(self.train_split) // self.recipe.batch_size)
         # Dropout's stream: seeded per process, saved with the state.
-        torch.manual_seed(config.seed * 1000 + self.dist.rank)
+        torch.manual_seed(wrap_seed(config.seed * 1000 + self.dist.rank))
         if self.cuda:
-            torch.cuda.manual_seed(config.seed * 1000 + self.dist.rank)
+            torch.cuda.manual_seed(wrap_seed(config.seed * 1000 + self.dist.rank))
         self.progress = Progress()
         if resume is not None:
             self.restore(resume)
@@ -171,22 +201,24 @@ class Training:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, weights: Optional[str]) -> nn.Module:
         """The network with the recipe's initialisation (or ``weights``), from ``seed`` only.
         The head has the zoo's 1000 outputs whenever the data has at most 1000 classes, so the
         checkpoints load unchanged wherever a zoo model does; the loss and the accuracies use
-        the first ``num_classes`` outputs alone (the others get no gradient)."""
+        the first ``num_classes`` outputs alone (the others get no gradient). Weights holding a
+        NaN or an infinity are refused: the run could only diverge."""
         config = self.config
         outputs = max(IMAGENET_OUTPUTS, self.num_classes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = build_network(config.arch, outputs, self.recipe.dropout, config.width)
             initialise(model, self.recipe.init, self.recipe.init_std)
-        if config.weights is not None:
+        if weights is not None:
             try:
-                load_weights(model, config.weights, config.arch)
+                load_weights(model, weights, config.arch)
             except (ValueError, FileNotFoundError) as error:
                 raise UsageError(f"--weights: {error}") from None
+            check_finite(model, weights)
         return model.to(self.device)
 
     # -- state -------------------------------------------------------------------------------
@@ -202,7 +234,7 @@ class Training:
             "progress": asdict(self.progress),
             "model": plain_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "rng": self.dist.all_gather_objects(rng),
         }
 
@@ -212,16 +244,31 @@ class Training:
             atomic_write(self.out / STATE, lambda handle: torch.save(state, handle))
 
     def restore(self, state: Dict[str, object]) -> None:
-        if list(state["classes"]) != self.classes:
+        """Continue from ``state`` (:func:`zfkernels.train.state.load_state`), after checking
+        every part of it against this run (:mod:`zfkernels.train.state`): a problem is a
+        :class:`UsageError` naming the part."""
+        classes = state.get("classes")
+        if not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)):
+            raise UsageError(f"--resume {self.out}: {STATE}: classes {shown(classes)} is not a list of class names")
+        if classes != self.classes:
             raise UsageError(f"--resume: the classes of {self.config.data} changed since the run began")
+        try:
+            saved.check_progress(state.get("progress"), self.recipe, self.batches_per_epoch, len(self.train_split))
+            progress = Progress(**state["progress"])
+            if progress.diverged is not None:
+                raise UsageError(f"--resume {self.out}: the run diverged (its loss stopped being finite in epoch "
+                                 f"{progress.diverged['epoch']}); there is nothing to continue. Start again with a "
+                                 "smaller --lr or a longer --warmup")
+            saved.check_tensors("model", state.get("model"), self.model.state_dict())
+            saved.check_optimizer(state.get("optimizer"), self.model, self.recipe)
+            schedule = saved.check_schedule(state.get("schedule"), self.recipe)
+            rng = saved.check_rng(state.get("rng"), self.dist.world, self.cuda)
+        except ValueError as error:
+            raise UsageError(f"--resume {self.out}: {STATE} does not hold this run: {error}") from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = Progress(**state["progress"])
-        rng = state["rng"]
-        if len(rng) != self.dist.world:
-            raise UsageError(f"--resume: the run used {len(rng)} process(es), this one {self.dist.world}; "
-                             "resume with the same torchrun --nproc-per-node")
+        self.schedule = schedule
+        self.progress = progress
         mine = rng[self.dist.rank]
         torch.set_rng_state(mine["cpu"])
         if self.cuda and mine["cuda"] is not None:
@@ -255,6 +302,9 @@ class Training:
         loss = loss_sum * self.dist.world / count.clamp(min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = self.schedule.lr(self.recipe, self.progress.epoch * self.batches_per_epoch + self.progress.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         renormalise_filters(self.model, self.recipe.renorm)
         return loss_sum.detach()
@@ -311,9 +361,25 @@ class Training:
         return tensor.tolist()
 
     def bank(self, loss_sum: torch.Tensor, began: float) -> None:
-        """Move the device-side loss sum and the elapsed time into :attr:`progress`."""
-        self.progress.loss_sum += float(self.all_reduce(loss_sum.clone()).item())
+        """Move the device-side loss sum and the elapsed time into :attr:`progress`. This is where
+        the loss reaches the host (at the end of an epoch and at every save), so this is where a
+        loss that stopped being finite is noticed: the run is recorded as diverged in
+        ``metrics.json`` and its state (which ``--resume`` then refuses), and :class:`Diverged`
+        is raised."""
+        total = float(self.all_reduce(loss_sum.clone()).item())
         self.progress.seconds += time.perf_counter() - began
+        if math.isfinite(total):
+            self.progress.loss_sum += total
+            return
+        progress = self.progress
+        progress.diverged = {"epoch": progress.epoch + 1, "step": progress.step}
+        self.gather_skipped()
+        if self.dist.rank == 0:
+            self.write_report()
+        self.save_state()
+        raise Diverged(f"the training loss stopped being finite in epoch {progress.epoch + 1} (by step {progress.step} "
+                       f"of {self.batches_per_epoch}, lr {self.optimizer.param_groups[0]['lr']:g}): the run diverged "
+                       f"and stopped, as {self.out / METRICS} records; start again with a smaller --lr or a longer --warmup")
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, float]:
@@ -345,15 +411,18 @@ class Training:
         return top1 / n, top5 / n
 
     def finish_epoch(self) -> Dict[str, object]:
-        """Validate, step the scheduler, write the checkpoint, the metrics and the state."""
+        """Validate, count the epoch in the schedule, write the checkpoint, the metrics and the
+        state. An epoch in which no training image could be read stops the run (one line)."""
         progress = self.progress
         began = time.perf_counter()
         self.gather_skipped()
+        if progress.loss_count == 0:
+            raise UsageError(f"--data {self.config.data}: no image of train/ could be read in epoch {progress.epoch + 1} "
+                             f"({len(self.train_split)} files, each named above as skipped)")
         top1, top5 = self.evaluate()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(1.0 - top1)
-        row = {"epoch": progress.epoch + 1,
-               "train_loss": finite(progress.loss_sum / progress.loss_count) if progress.loss_count else None,
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's last step
+        self.schedule.epoch_end(self.recipe, 1.0 - top1, (progress.epoch + 1) * self.batches_per_epoch)
+        row = {"epoch": progress.epoch + 1, "train_loss": progress.loss_sum / progress.loss_count,
                "val_top1": top1, "val_top5": top5, "lr": lr,
                "seconds": progress.seconds + time.perf_counter() - began}
         progress.metrics.append(row)
@@ -382,6 +451,7 @@ class Training:
             "processes": self.dist.world,
             "config": self.config.as_dict(),
             "preprocess": preprocess_description(self.config),
+            "diverged": self.progress.diverged,
             "skipped": [{"file": path, "reason": reason} for path, reason in sorted(self.progress.skipped.items())],
         }
         write_metrics(self.out, document)
@@ -405,21 +475,3 @@ class Training:
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The model's state dict as contiguous CPU tensors (what ``epoch-NNN.pth`` holds)."""
     return {name: value.detach().to("cpu").contiguous().clone() for name, value in model.state_dict().items()}
-
-
-def load_state(out: Path) -> Dict[str, object]:
-    """``out/train-state.pth`` (``weights_only=True``); an unusable file is a :class:`UsageError`."""
-    path = Path(out) / STATE
-    if not path.is_file():
-        raise UsageError(f"--resume {out}: no {STATE} there (not a zfk train output folder, or no step finished)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--resume {out}: {STATE} is unreadable ({type(error).__name__})") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise UsageError(f"--resume {out}: {STATE} is of another version")
-    return state
-
-
-def config_of(state: Dict[str, object]) -> TrainConfig:
-    return TrainConfig.from_dict(state["config"])

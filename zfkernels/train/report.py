@@ -14,11 +14,6 @@ METRICS = "metrics.json"
 CURVES = "curves.png"
 
 
-def finite(value: float):
-    """JSON has no NaN: a diverged loss is written as ``null``."""
-    return float(value) if math.isfinite(value) else None
-
-
 def write_metrics(out: Path, document: Dict[str, object]) -> None:
     """``out/metrics.json`` (``{"epochs": [...], ...}``), atomically."""
     atomic_write_text(out / METRICS, json.dumps(document, indent=1, ensure_ascii=True, allow_nan=False) + "\n")
