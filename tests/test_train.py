@@ -116,7 +116,7 @@ def test_the_default_rate_is_the_papers_per_image():
 
 def test_without_warm_up_the_plateau_rule_is_reduce_lr_on_plateaus():
     """Against PyTorch's ReduceLROnPlateau (no threshold), on a run of validation errors."""
-    recipe = Recipe(lr=0.1, plateau_patience=2, plateau_factor=0.5)
+    recipe = Recipe(lr=0.1, warmup=0, plateau_patience=2, plateau_factor=0.5)
     parameter = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
     reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2, threshold=0)

@@ -36,7 +36,7 @@ class Recipe:
     renorm: float = 0.1
     init: str = "kaiming"
     init_std: float = 1e-2
-    warmup: int = 0
+    warmup: int = 16
     plateau_patience: int = 3
     plateau_factor: float = 0.1
 
