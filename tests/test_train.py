@@ -322,12 +322,16 @@ def full_discs(tmp_path_factory) -> Path:
     return disc_folder(tmp_path_factory.mktemp("full-discs"), 2, 1, seed=4)
 
 
-def relative_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor],
-                        start: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Per tensor, ``|a - b| / |a - start|``: how far two runs' weights are apart, measured
-    against how far training moved them (the weights themselves are ~100 times larger)."""
-    return {key: float((a[key] - b[key]).norm() / (a[key] - start[key]).norm().clamp(min=1e-30)) for key in a
-            if a[key].is_floating_point()}
+def excess_over_rounding(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor],
+                         start: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per tensor, ``|a - b|`` over what float rounding allows after a step or two: 10^-5 of how far
+    training moved the tensor (the gradients' sums, rounded in another order, agree to a few
+    10^-6) plus 2 float32 epsilons of the tensor (an update 10^-5 the size of a weight is stored
+    to an ulp of the weight, and a rounding-sized change of it can flip that last bit). Below 1:
+    equal to float rounding."""
+    eps = torch.finfo(torch.float32).eps
+    return {key: float((a[key] - b[key]).norm() / (1e-5 * (a[key] - start[key]).norm() + 2 * eps * a[key].norm()))
+            for key in a if a[key].is_floating_point()}
 
 
 @pytest.mark.slow
@@ -356,8 +360,8 @@ def test_resume_after_sigint_at_full_size_equals_an_uninterrupted_run(full_discs
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_at_full_size(full_discs, scratch, one_thread):
     """One epoch of 2 steps of 4 images (2 per process): the gradients differ only by the rounding
-    of their reduction, and two steps cannot compound it (docs/train.md gives the figures over
-    longer runs)."""
+    of their sums, and two steps cannot compound it (docs/train.md gives the figures over longer
+    runs, and what the first steps look like)."""
     args = ["--data", str(full_discs), "--epochs", "1", "--batch-size", "4", *FULL, "--quiet"]
     assert main(["train", *args, "--out", str(scratch / "one")]) == 0
     two = subprocess.run(
@@ -369,8 +373,8 @@ def test_two_gloo_processes_equal_one_at_full_size(full_discs, scratch, one_thre
     assert list(a) == list(b)
     config = TrainConfig(str(full_discs), recipe=Recipe(dropout=0.0))
     start = Training(config, scratch / "start", torch.device("cpu"), workers=0, quiet=True).model.state_dict()
-    differences = relative_difference(a, b, start)
-    assert max(differences.values()) < 1e-4, differences
+    excess = excess_over_rounding(a, b, start)
+    assert max(excess.values()) < 1, excess
     metrics = [json.loads((scratch / f / "metrics.json").read_text()) for f in ("one", "two")]
     assert metrics[1]["processes"] == 2
     assert metrics[0]["epochs"][0]["train_loss"] == pytest.approx(metrics[1]["epochs"][0]["train_loss"], rel=1e-5)
