@@ -14,6 +14,12 @@ estimates the time of ImageNet's 50,000 validation images.
 
     python benchmarks/bench_visualize.py --device cpu --json bench-results/bench_visualize.json
     python benchmarks/bench_visualize.py --device cpu --arch resnet50 --features 0-3 --json bench-results/bench_visualize_resnet50.json
+    python benchmarks/bench_visualize.py --device cpu --arch efficientnet_b0 --features 0-3 --json bench-results/bench_visualize_efficientnet_b0.json
+    python benchmarks/bench_visualize.py --device cpu --arch vit_b_16 --features 0-3 --json bench-results/bench_visualize_vit_b_16.json
+
+Any torchvision classifier the engine takes works with ``--arch`` (issue #18: EfficientNet-B0 and
+ViT-B/16 have the same 70% target); a ViT's layers are token grids, which pass 1 ranks on the
+patch grid.
 """
 
 from __future__ import annotations
@@ -33,8 +39,7 @@ import torch.utils.benchmark as benchmark
 import zfkernels
 from zfkernels.job import data as data_mod
 from zfkernels import Deconvnet, models
-from zfkernels.graph import graph_of
-from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from _report import SHARED_IMAGES, write_results  # (benchmarks/ is on sys.path when run as a script)
 
 IMAGENET_VAL = 50_000
@@ -42,12 +47,31 @@ TARGET = 0.70
 TOP = 9  # zfk visualize's default --top
 
 
+def deepest_node(model: torch.nn.Module, dn: Deconvnet, layers: List[str]) -> str:
+    """The deepest of ``layers`` as a feature-extraction node name (``Deconvnet.resolve``), by
+    the order of torchvision's eval-mode nodes."""
+    was = model.training
+    try:
+        order = {name: i for i, name in enumerate(get_graph_node_names(model.eval())[1])}
+    finally:
+        model.train(was)
+    return max((dn.resolve(name) for name in layers), key=order.__getitem__)
+
+
+def feature_maps(dn: Deconvnet, layers: List[str], size: int) -> int:
+    """The feature maps of ``layers`` (as ``record`` presents them: a token grid's channels
+    too), from a recording of one blank ``size`` x ``size`` image."""
+    with torch.no_grad():
+        rec = dn.record(torch.zeros(1, 3, size, size), layers)
+    return sum(int(rec.activations[dn.resolve(name)].shape[1]) for name in layers)
+
+
 def bare_forward(device: torch.device, batch_size: int, files: List[Path], arch: str, model: torch.nn.Module,
-                 layers: List[str]) -> Dict[str, float]:
+                 layers: List[str], dn: Deconvnet) -> Dict[str, float]:
     """Images/s of the network alone on decoded images already on the device (channels-last, as
     pass 1 runs it): the zoo's whole ``model.features`` (the default layers reach its end), and
     torchvision's own ``create_feature_extractor`` up to the deepest visualized layer for the
-    others."""
+    others (a ViT's encoder layer: the token sequence, class token included)."""
     transform = models.eval_transform(arch)
     crops = torch.stack([data_mod.load_crop(f, transform) for f in files[:batch_size]])
     if crops.shape[0] < batch_size:  # a folder smaller than a batch: repeat it
@@ -57,8 +81,7 @@ def bare_forward(device: torch.device, batch_size: int, files: List[Path], arch:
     if models.is_zoo(arch):
         network, what = model.features, f"{arch} features"
     else:
-        graph = graph_of(model)
-        deepest = max((graph.resolve(name) for name in layers), key=graph.position.__getitem__)
+        deepest = deepest_node(model, dn, layers)
         network, what = create_feature_extractor(model, [deepest]), f"{arch} up to {deepest}"
     timer = benchmark.Timer("with torch.inference_mode(): network(x)", globals={"network": network, "x": x, "torch": torch},
                             label="zfk visualize", sub_label=f"{what}, batch {batch_size} [{device.type}]",
@@ -131,8 +154,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     model = models.build(args.arch, seed=0).eval()
     layers = args.layers.split(",") if args.layers else models.default_layers(args.arch, model)
     size = models.eval_transform(args.arch).crop
-    maps = sum(Deconvnet(model).shape_of(name, (size, size))[0] for name in layers)
-    bare = bare_forward(device, args.batch_size, files, args.arch, model, layers)
+    dn = Deconvnet(model)
+    maps = feature_maps(dn, layers, size)
+    bare = bare_forward(device, args.batch_size, files, args.arch, model, layers, dn)
     print(f"bare forward: {bare['images_per_second']:.1f} images/s", flush=True)
 
     options = (["--workers", str(args.workers)] if args.workers is not None else []) + (

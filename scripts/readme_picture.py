@@ -1,9 +1,11 @@
-"""Make docs/images/gallery-cell.png, the README's picture: two gallery cells, one above the
+"""Make docs/images/gallery-cell.png, the README's picture: three gallery cells, one above the
 other, each made by ``zfk visualize`` on the 7 photographs shipped with the package and a seeded
 random, untrained network (no weights are downloaded):
 
   * ZFNet, conv5, feature map 170 (the paper's network);
-  * ResNet-50, ``layer2``'s output (``layer2.3.relu_2``), feature map 6 (any ReLU CNN).
+  * ResNet-50, ``layer2``'s output (``layer2.3.relu_2``), feature map 6 (any ReLU CNN);
+  * ConvNeXt-Tiny, ``features.3``'s output (``features.3.2.add``, a residual block's output),
+    feature map 6 (GELU, LayerNorm, layer scale: issue #18's rules).
 
     python scripts/readme_picture.py
 """
@@ -24,6 +26,8 @@ CELLS = [  # (caption, visualize arguments, the cell PNG inside its gallery)
      "layers/conv5/f0170.png"),
     ("ResNet-50 layer2 (layer2.3.relu_2), feature map 6", ["--arch", "resnet50", "--layers", "layer2", "--features", "6"],
      "layers/layer2.3.relu_2/f0006.png"),
+    ("ConvNeXt-Tiny features.3 (features.3.2.add, a block output), feature map 6",
+     ["--arch", "convnext_tiny", "--layers", "features.3", "--features", "6"], "layers/features.3.2.add/f0006.png"),
 ]
 CAPTION_HEIGHT = 18
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from zfkernels import cli
 from zfkernels.job import data as data_mod
-from zfkernels.deconvnet import Deconvnet
+from zfkernels.engine import Deconvnet
 from zfkernels.job.scan import ScanPlan
 
 from _images import load as load_pillow, photographs

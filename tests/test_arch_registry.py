@@ -215,7 +215,8 @@ def test_a_misspelt_arch_is_one_line_with_close_names(command, tmp_path, capsys)
 
 
 def test_a_network_the_engine_refuses_and_a_broken_factory_are_one_line(tmp_path, capsys):
-    for arch, message in (("efficientnet_b0", "--arch efficientnet_b0: the deconvnet cannot run this network: "),
+    for arch, message in (("_arch_factory:softplus_module", "--arch _arch_factory:softplus_module: the deconvnet cannot "
+                                                            "run this network: "),
                           ("_arch_factory:missing", "--arch: _arch_factory:missing: module '_arch_factory' has no 'missing'")):
         status = cli.main(["visualize", "--arch", arch, "--out", str(tmp_path / arch.replace(":", "-")), "--device", "cpu",
                            "--workers", "0", "--quiet"])

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from zfkernels import Deconvnet, models
-from zfkernels.graph import graph_of
+from zfkernels.engine import graph_of
 
 
 def test_a_traced_model_is_freed_with_its_last_reference():

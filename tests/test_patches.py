@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from zfkernels import models
-from zfkernels.deconvnet import Deconvnet
+from zfkernels.engine import Deconvnet
 from zfkernels.job.project import project_selections
 from zfkernels.job.scan import run_scan
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 
 from zfkernels import models, ops
-from zfkernels.deconvnet import Deconvnet
+from zfkernels.engine import Deconvnet
 
 # --- the boxes, derived by hand from the layer geometry -------------------------------------
 
@@ -215,7 +215,7 @@ def test_single_activation_cost_does_not_grow_with_the_image(monkeypatch):
     """The tensors that go through the kernels for an interior activation have the same shapes
     on a 224x224 and a 448x448 image: only the receptive field is computed."""
     shapes = _record_kernel_inputs(monkeypatch)
-    monkeypatch.setattr("zfkernels.deconvnet.FOLD_MAX_CHANNELS", 0)  # conv1 through ops.project too, so it is seen
+    monkeypatch.setattr("zfkernels.engine.fastpaths.FOLD_MAX_CHANNELS", 0)  # conv1 through ops.project too, so it is seen
     model = models.zfnet(seed=0).eval()
     seen = []
     for side in (224, 448):

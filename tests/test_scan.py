@@ -203,7 +203,7 @@ def test_spatial_max_equals_a_direct_argmax(layout, kind, device):
 
 def as_document(result_layers, files, model) -> dict:
     """A scan result in topk.json's shape (boxes from the engine), for comparison."""
-    from zfkernels.deconvnet import Deconvnet
+    from zfkernels.engine import Deconvnet
 
     dn = Deconvnet(model)
     out = {}

@@ -25,7 +25,7 @@ from torchvision import transforms
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from zfkernels import models
-from zfkernels.deconvnet import Deconvnet
+from zfkernels.engine import Deconvnet
 
 from _images import SAMPLE_PHOTOS
 from _visualize import REPO, photo_folder, read_topk, real_folder, subprocess_env, torch_threads, visualize, zfk

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from zfkernels import Deconvnet, models
-from zfkernels.graph import graph_of, walk
+from zfkernels.engine import graph_of, walk
 
 
 @pytest.fixture

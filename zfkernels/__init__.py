@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import ops  # loads the compiled extension: registers torch.ops.zfkernels.*
 from . import models
-from .deconvnet import Deconvnet, Recording
+from .engine import Deconvnet, Recording
 from .ops import build_info, has_cuda, maxpool_switches, project, reference, switches_to_indices, unpool
 
 __all__ = [

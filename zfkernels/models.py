@@ -236,6 +236,10 @@ def _torchvision_model(arch: str, weights: WeightsArg, seed: Optional[int], num_
         options.update(TORCHVISION_WEIGHTS_OPTIONS.get(arch, {}))
     elif "init_weights" in TORCHVISION_WEIGHTS_OPTIONS.get(arch, {}):
         options["init_weights"] = True  # torchvision's default, said out loud (it warns when left unset)
+    if arch.startswith("vit_"):
+        # A ViT's position embedding fixes its input size: build it for its weights' own crop
+        # (518 for vit_h_14's SWAG weights), so that random init and torchvision's file agree.
+        options["image_size"] = eval_transform(arch).crop
     model = _construct(lambda: torchvision.models.get_model(arch, weights=None, **options), seed)
     if weights is not None:
         load_weights(model, weights, arch)
@@ -325,44 +329,58 @@ def _before_each_max_pool(model: nn.Module) -> List[str]:
     return [f"features.{i}" for i in ends]
 
 
-# Each torchvision family's stages, as the modules (node-name prefixes) whose last projectable node
-# is the stage's output; the table in docs/models.md shows what each gives.
-STAGES: List[Tuple[str, Callable[[nn.Module], List[str]]]] = [
-    (r"(resnet|resnext|wide_resnet)\d", lambda m: ["layer1", "layer2", "layer3", "layer4"]),
-    (r"vgg\d", _before_each_max_pool),
-    (r"squeezenet", _before_each_max_pool),
-    (r"densenet", lambda m: ["features.transition1", "features.transition2", "features.transition3", "relu"]),
-    (r"mobilenet_v2", lambda m: ["features.0", "features.3", "features.6", "features.13", "features.18"]),
-    (r"googlenet", lambda m: ["conv1", "conv3", "inception3b", "inception4e", "inception5b"]),
-    (r"inception_v3", lambda m: ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]),
-    (r"shufflenet_v2", lambda m: ["conv1", "stage2", "stage3", "stage4", "conv5"]),
-    (r"regnet_", lambda m: ["stem", "trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"]),
+# Each torchvision family's stages, as the modules (node-name prefixes) whose last node is the
+# stage's output, and whether that is the last rectified node (the ReLU families, as before issue
+# #18) or the last node of any kind (a block output); the table in docs/models.md shows each.
+STAGES: List[Tuple[str, Callable[[nn.Module], List[str]], bool]] = [
+    (r"(resnet|resnext|wide_resnet)\d", lambda m: ["layer1", "layer2", "layer3", "layer4"], True),
+    (r"vgg\d", _before_each_max_pool, True),
+    (r"squeezenet", _before_each_max_pool, True),
+    (r"densenet", lambda m: ["features.transition1", "features.transition2", "features.transition3", "relu"], True),
+    (r"mobilenet_v2", lambda m: ["features.0", "features.3", "features.6", "features.13", "features.18"], True),
+    (r"googlenet", lambda m: ["conv1", "conv3", "inception3b", "inception4e", "inception5b"], True),
+    (r"inception_v3", lambda m: ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"], True),
+    (r"shufflenet_v2", lambda m: ["conv1", "stage2", "stage3", "stage4", "conv5"], True),
+    (r"regnet_", lambda m: ["stem", "trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"], True),
+    # issue #18: block outputs (residual adds, channels-last grids, token grids)
+    (r"efficientnet_b", lambda m: ["features.1", "features.2", "features.3", "features.5", "features.8"], False),
+    (r"efficientnet_v2", lambda m: ["features.1", "features.2", "features.3", "features.5", "features.7"], False),
+    (r"mobilenet_v3", lambda m: [f"features.{i}" for i in ((0, 1, 3, 8, 12) if len(m.features) == 13
+                                                           else (1, 3, 6, 12, 16))], False),
+    (r"convnext_", lambda m: ["features.1", "features.3", "features.5", "features.7"], False),
+    (r"swin_", lambda m: ["features.1", "features.3", "features.5", "features.7"], False),
+    (r"vit_", lambda m: [f"encoder.layers.encoder_layer_{(len(m.encoder.layers) * q) // 4 - 1}" for q in (1, 2, 3, 4)], False),
+    (r"maxvit_", lambda m: ["stem"] + [f"blocks.{i}" for i in range(len(m.blocks))], False),
 ]
 
 
 def default_layers(arch: str, model: nn.Module) -> List[str]:
     """The layers ``zfk`` shows when ``--layers`` is not given. The zoo: every conv layer
-    (``conv1`` …). A torchvision family: each stage's output, the last projectable node
-    (:func:`zfkernels.graph.projectable_layers`) inside each stage module of :data:`STAGES`
-    (ResNets: ``layer1`` … ``layer4``'s final ReLU; VGG: the ReLU before each max pool;
-    DenseNet: each transition's ReLU and the last one). Any other network: the last projectable
-    node at each spatial resolution. A few layers, not hundreds, as feature-extraction node
-    names. A network the engine cannot run raises its ``ValueError``."""
+    (``conv1`` …). A torchvision family: each stage's output, the last node inside each stage
+    module of :data:`STAGES`: for the ReLU families the last rectified one (an activation's
+    output, or a concatenation of them: ResNets' final ReLU of ``layer1`` … ``layer4``, VGG's
+    ReLU before each max pool, DenseNet's transitions), for the families of issue #18 the
+    stage's block output (ConvNeXt's and ViT's residual adds, Swin's channels-last grids). Any
+    other network: the last rectified node at each spatial resolution. A few layers, not
+    hundreds, as feature-extraction node names. A network the engine cannot run raises its
+    ``ValueError``."""
+    from .engine import graph_of
+
     if is_zoo(arch):
-        from .deconvnet import Deconvnet  # (the engine names the zoo's layers)
-
-        return list(Deconvnet(model).layers)
-    from .graph import projectable_layers
-
-    layers = projectable_layers(model)
-    family = next((stages for pattern, stages in STAGES if re.match(pattern, arch)), None)
-    if family is not None:
+        return list(graph_of(model).layers)
+    graph = graph_of(model)
+    entry = next(((stages, rectified) for pattern, stages, rectified in STAGES if re.match(pattern, arch)), None)
+    if entry is not None:
+        stages, rectified = entry
+        layers = graph.rectified_nodes if rectified else graph.nodes
         inside = lambda name, stage: name == stage or name.startswith(stage + ".")  # noqa: E731
-        return [[name for name in layers if inside(name, stage)][-1] for stage in family(model)]
+        return [[name for name in layers if inside(name, stage)][-1] for stage in stages(model)]
+    geometry = graph.geometry((eval_transform(arch).crop,) * 2)
     last: Dict[Tuple[int, ...], str] = {}
-    for name, shape in output_shapes(model, layers, eval_transform(arch).crop).items():
-        last.pop(shape[1:], None)  # (re-inserted: the order is that of each resolution's last node)
-        last[shape[1:]] = name
+    for name in graph.rectified_nodes or graph.nodes:
+        size = tuple(geometry.presented_shape(name)[1:])
+        last.pop(size, None)  # (re-inserted: the order is that of each resolution's last node)
+        last[size] = name
     return list(last.values())
 
 

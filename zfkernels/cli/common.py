@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import models
 from ..errors import UsageError
-from ..graph import unknown_layer_message
+from ..engine import unknown_layer_message
 from ..job.console import say
 from ..job.io import OUTPUT_MARKER, atomic_write_text
 from ..models import untrained_warning
@@ -269,20 +269,20 @@ def feature_layers(arch: str, model: nn.Module, text: Optional[str]) -> List[str
     engine's projectable layers, or a module that holds some (``layer2``: its last one, as for
     the defaults); by default :func:`zfkernels.models.default_layers` (every conv layer of the
     zoo, each stage's output of a torchvision family)."""
-    from ..deconvnet import Deconvnet
+    from ..engine import graph_of
 
-    dn = Deconvnet(model)
+    graph = graph_of(model)
     default = models.default_layers(arch, model) if text is None else []
-    return resolve_layers(text, dn.layers, default, resolve=dn.resolve)
+    return resolve_layers(text, graph.layers, default, resolve=graph.resolve)
 
 
 def check_engine_runs(arch: str, model: nn.Module) -> None:
     """Refuse, in one line, a network the deconvnet engine does not take (its first unsupported
     operation), before any command starts on it."""
-    from ..deconvnet import Deconvnet
+    from ..engine import graph_of
 
     try:
-        Deconvnet(model)
+        graph_of(model).layers  # traced, classified, and its layers listed
     except (ValueError, TypeError, NotImplementedError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--arch {arch}: the deconvnet cannot run this network: {first}") from None

@@ -12,7 +12,7 @@ from .. import models
 from ..diagnostics import common as diagnostics_common
 from ..diagnostics.occlusion import grid_boxes, occlusion_grid, occlusion_maps, project_strongest, render, strongest_of
 from ..errors import UsageError
-from ..graph import unknown_layer_message
+from ..engine import unknown_layer_message
 from ..job import data as data_mod
 from ..job.console import progress_bar, say
 from .common import (add_label_option, add_model_options, finish_parser, int_in_range, load_model, model_description,

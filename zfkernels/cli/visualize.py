@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.nn as nn
 
-from ..deconvnet import MODES, Deconvnet
+from ..engine import MODES, ModelGeometry
 from ..errors import UsageError
 from .. import models
 from ..job import data as data_mod
@@ -362,10 +362,10 @@ def render(job: Job, scan: ScanResult, projected: ProjectionResult, pass1_memory
 def _topk_document(job: Job, scan: ScanResult, info: gallery.RunInfo) -> Dict[str, object]:
     """``topk.json``'s content, whole: the selections with their receptive fields, and how they
     were made."""
-    dn = Deconvnet(job.model)
+    shapes = ModelGeometry(job.model)
     size = job.images.size
     selections = gallery.topk_document(info.arch, info.weights, info.preprocess, scan.layers, job.images.files,
-                                       lambda layer, y, x: dn.receptive_field(layer, y, x, size))
+                                       lambda layer, y, x: shapes.receptive_field(layer, y, x, size))
     return {**selections, "untrained": info.untrained, "mode": info.mode}
 
 

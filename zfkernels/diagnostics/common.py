@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..graph import RECTIFIERS, graph_of, walk
+from ..engine import graph_of, walk
+from ..engine.capture import RECTIFIERS
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery
@@ -73,7 +74,7 @@ def paper_layers(model: nn.Module) -> PaperLayers:
 
 
 class FeatureExtractor:
-    """One forward pass through the model's graph (the walker of :mod:`zfkernels.graph`, the one
+    """One forward pass through the model's graph (the walker of :mod:`zfkernels.engine.walk`, the one
     pass 1 and ``Deconvnet.record`` use) that returns the outputs of the requested layers: the
     projectable layers by the engine's names (``conv1`` …, ``conv5_3``, or node names such as
     ``layer2.1.relu_1``), the classifier's ReLUs (``fc6``, ``fc7`` … on the zoo, counted from 6
@@ -86,8 +87,9 @@ class FeatureExtractor:
         self.conv_layers: List[str] = list(self.graph.layers)
         fcs = [alias for alias in self.graph.aliases if alias.startswith("fc")]
         if not fcs:  # the rectifiers below the feature maps: the classifier's hidden layers
+            shapes = self.graph.geometry(self.graph.canonical_size)
             fcs = [name for name in self.graph.order if self.graph.steps[name].kind in RECTIFIERS
-                   and name not in self.graph.spatial and name in self.graph.node_names]
+                   and not shapes.is_map(name) and name in self.graph.node_names]
         self.fc_layers: List[str] = fcs
 
     @property
@@ -114,9 +116,10 @@ class FeatureExtractor:
             if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
                     and not weight.is_contiguous():
                 images = images.contiguous(memory_format=torch.channels_last)
+            geometry = self.graph.geometry((images.shape[-2], images.shape[-1]))
             for step, value in walk(self.graph, images, steps, keep=steps):
                 for name in steps[step]:
-                    out[name] = value
+                    out[name] = geometry.present(step, value)  # token and channels-last grids as (N, C, H, W)
         return out
 
 

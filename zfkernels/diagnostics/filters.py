@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..job import gallery
-from ..graph import graph_of
+from ..engine import graph_of
 from ..models import ARCHITECTURES, FACTORY, ArchitectureError, check_arch, torchvision_classifiers
 from . import common
 

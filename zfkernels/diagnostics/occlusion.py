@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..deconvnet import Deconvnet
+from ..engine import Deconvnet
 from ..job.topk import ranked, spatial_max
 from ..models import channels_last
 from . import common

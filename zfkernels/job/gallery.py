@@ -188,7 +188,8 @@ def render_layer(
     page = pages.render(
         "layer.html", title=f"{info.arch} {layer}", info=info, layer=layer,
         layers=[{"name": name, "page": layer_page(name)} for name in layers],
-        top=k, grid=grid_shape(k), field=(size[1], size[0]), tile=tiles.tile, map=top.map_size,
+        top=k, grid=grid_shape(k), field=(size[1], size[0]), whole=tiles.geometry.whole, tile=tiles.tile,
+        map=top.map_size,
         montage=montage_png(layer), maps=maps,
     )
     atomic_write_text(out / layer_page(layer), page)
@@ -203,6 +204,7 @@ def render_index(out: Path, tops: Dict[str, LayerTop], tiles: Dict[str, LayerTil
         layers.append({
             "name": layer, "page": layer_page(layer), "montage": montage_png(layer), "channels": top.channels.tolist(),
             "total": total_channels.get(layer, top.channels.numel()), "map": top.map_size, "field": (size[1], size[0]),
+            "whole": tiles[layer].geometry.whole,
         })
     page = pages.render("index.html", title=f"zfk visualize: {info.arch}", info=info, layers=layers,
                         diagnostics=(out / "diagnostics.html").is_file())

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deconvnet import Box, Deconvnet
-from ..deconvnet import crop as crop_box
+from ..engine import Deconvnet, ModelGeometry
+from ..engine.boxes import Box
+from ..engine.boxes import crop as crop_box
 from . import data as data_mod
 from .timing import StageClock
 from .topk import LayerTop
@@ -52,13 +53,18 @@ class FieldGeometry:
     offset: Tuple[int, int]
 
     @classmethod
-    def of(cls, dn: Deconvnet, layer: str, image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> "FieldGeometry":
+    def of(cls, dn: ModelGeometry, layer: str, image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> "FieldGeometry":
         """From the engine's unclipped receptive boxes of activations (0, 0) and (1, 1) (a
         layer whose field is the whole image gets stride 0: every tile shows all of it)."""
         y0, x0, h, w = dn.receptive_box(layer, 0, 0, image_size)
         height, width = dn.shape_of(layer, image_size)[-2:]
         y1, x1, _, _ = dn.receptive_box(layer, min(1, height - 1), min(1, width - 1), image_size)
         return cls((h, w), (y1 - y0, x1 - x0), (y0, x0))
+
+    @property
+    def whole(self) -> bool:
+        """Every activation sees the whole image (attention, or a global pooling, below it)."""
+        return self.stride == (0, 0)
 
 
 @dataclass
@@ -94,7 +100,7 @@ def _allocate(shape: Tuple[int, ...], scratch: Optional[Path], name: str) -> np.
     return np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape)
 
 
-def record_batch_size(model: nn.Module, dn: Deconvnet, requested: int, layers: Optional[Sequence[str]] = None,
+def record_batch_size(model: nn.Module, dn: ModelGeometry, requested: int, layers: Optional[Sequence[str]] = None,
                       image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> int:
     """At most ``requested`` images per recording, fewer when their maps would exceed
     :data:`RECORD_BUDGET` (VGG16 keeps ~55 MB of maps per 224x224 image)."""

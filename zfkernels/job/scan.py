@@ -20,8 +20,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..deconvnet import Deconvnet
-from ..graph import graph_of, walk
+from ..engine import ModelGeometry
+from ..engine import graph_of, walk
 from ..models import channels_last
 from . import data as data_mod
 from .checkpoint import ScanState
@@ -43,15 +43,17 @@ class FeatureTaps:
             self.steps.setdefault(self.graph.resolve(name), []).append(name)
 
     def __call__(self, x: torch.Tensor) -> Iterator[Tuple[str, torch.Tensor]]:
+        geometry = self.graph.geometry((x.shape[-2], x.shape[-1]))
         for step, value in walk(self.graph, x, self.steps):
+            value = geometry.present(step, value)  # token and channels-last grids as (N, C, H, W)
             for name in self.steps[step]:
                 yield name, value
 
 
 def map_sizes(model: nn.Module, layers: Sequence[str], image_size: Tuple[int, int] = (data_mod.CROP, data_mod.CROP)) -> Dict[str, Tuple[int, int]]:
     """Each requested layer's map size for ``image_size`` inputs (from the graph, no computation)."""
-    dn = Deconvnet(model)
-    return {name: dn.shape_of(name, image_size)[-2:] for name in layers}
+    shapes = ModelGeometry(model)
+    return {name: shapes.shape_of(name, image_size)[-2:] for name in layers}
 
 
 class Scanner:
@@ -112,9 +114,9 @@ class Scanner:
 def num_channels(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Dict[str, int]:
     """Feature maps per layer: ``layers`` (node names or aliases), by default every projectable
     layer in network order (``Deconvnet(model).layers``)."""
-    dn = Deconvnet(model)
-    names = dn.layers if layers is None else layers
-    return {name: dn.shape_of(name, (data_mod.CROP, data_mod.CROP))[0] for name in names}
+    shapes = ModelGeometry(model)
+    names = shapes.layers if layers is None else layers
+    return {name: shapes.shape_of(name, (data_mod.CROP, data_mod.CROP))[0] for name in names}
 
 
 class ScanInterrupted(Exception):

@@ -1,17 +1,21 @@
 """Graph capture: any eval-mode ``nn.Module`` traced by torchvision's feature-extraction tracer,
-every node classified into the operations the deconvnet knows (GUIDE section 2), and one forward
-walker on node outputs that pass 1, the diagnostics and ``Deconvnet.record`` all use.
+and every node classified into a step kind the deconvnet has a rule for (docs/engine.md,
+"Semantics"). The rules themselves live in :mod:`zfkernels.engine.rules`, one per kind.
 
 Names are torchvision's feature-extraction node names
 (``torchvision.models.feature_extraction.get_graph_node_names(model)[1]``): ``layer1.0.relu_1``,
 ``features.denseblock2.denselayer3.relu2``. A torchvision leaf block (``Conv2dNormActivation``,
-any leaf ``nn.Sequential``) is one node whose children run as steps named ``<node>.0``,
-``<node>.1``…, the last one carrying the node's own name. The zoo's ``.features`` stacks
-(ZFNet, AlexNet, VGG16) also answer to ``conv1``…``conv5`` / ``conv1_1``… and ``fc6``, ``fc7``;
-a module path (``layer2``) names the last node inside it, as in ``create_feature_extractor``.
+torchvision's ``MLP``, any leaf ``nn.Sequential``) is one node whose children run as steps named
+``<node>.0``, ``<node>.1``…, the last one carrying the node's own name. The zoo's ``.features``
+stacks (ZFNet, AlexNet, VGG16) also answer to ``conv1``…``conv5`` / ``conv1_1``… and ``fc6``,
+``fc7``; a module path (``layer2``) names the last node inside it, as in
+``create_feature_extractor``.
 
-Anything outside the supported operations is refused when the graph is built, naming the first
-unsupported operation and its node.
+Frozen values (docs/engine.md, "Why freeze"): sigmoid, hard-sigmoid and softmax outputs, and
+whatever is computed from them alone, are constants going down. A step whose only readers are
+frozen values (the branch of a squeeze-excitation, the queries and keys of an attention) never
+receives a signal, so it may be any operation. Anything else without a rule is refused when the
+graph is built, naming the node.
 """
 
 from __future__ import annotations
@@ -22,30 +26,70 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models import convnext, swin_transformer
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .receptive_field import Window
+from ..receptive_field import Window
 
 # -- the supported operations ------------------------------------------------------------------
 
-#: Step kinds. ``relu`` and ``relu6`` are the rectifiers; ``rearrange`` moves elements without
-#: arithmetic (view, transpose, slicing, chunk…); ``linear`` is ``nn.Linear``/``F.linear``;
-#: ``affine`` is any other linear map whose transpose autograd gives (adaptive pooling, mean);
-#: ``identity`` covers dropout and ``nn.Identity``; ``bias`` adds a constant; ``scale``
-#: multiplies by a number.
-KINDS = ("input", "conv", "bn", "relu", "relu6", "maxpool", "avgpool", "add", "cat", "rearrange", "linear",
-         "affine", "identity", "bias", "scale", "lrn")
+#: Step kinds. ``relu`` and ``relu6`` are the rectifiers; ``activation`` any other pointwise
+#: activation phi(x) = x * g(x) (SiLU, GELU, Hardswish, Mish, ELU, LeakyReLU, Tanh);
+#: ``rearrange`` moves elements without arithmetic (view, permute, slicing, pad, roll…);
+#: ``linear`` is ``nn.Linear``/``F.linear``; ``affine`` is any other linear map whose transpose
+#: autograd gives (adaptive pooling, mean); ``identity`` covers dropout, stochastic depth and
+#: ``nn.Identity``; ``bias`` adds a constant; ``scale`` multiplies by a number; ``product``
+#: multiplies by a constant or frozen tensor (layer scale, a hand-written gate, attention
+#: weights times values); ``gate`` is torchvision's ``SqueezeExcitation``; ``norm`` a
+#: LayerNorm/GroupNorm/RMSNorm; ``attention`` ``nn.MultiheadAttention``,
+#: ``F.scaled_dot_product_attention`` or Swin's ``shifted_window_attention``; ``frozen`` a
+#: sigmoid/hard-sigmoid/softmax output or a value computed from such outputs alone; ``opaque``
+#: any other operation, allowed only where no signal reaches it.
+KINDS = ("input", "conv", "bn", "relu", "relu6", "activation", "maxpool", "avgpool", "add", "cat", "rearrange",
+         "linear", "affine", "identity", "bias", "scale", "product", "gate", "norm", "attention", "frozen", "lrn",
+         "opaque")
 RECTIFIERS = ("relu", "relu6")
+ACTIVATIONS = RECTIFIERS + ("activation",)
 NORMALISATIONS = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
+#: Pointwise activations by module type: the function name the rules know and its settings.
+ACTIVATION_MODULES: Dict[type, Callable[[nn.Module], Dict[str, Any]]] = {
+    nn.SiLU: lambda m: {"fn": "silu"},
+    nn.GELU: lambda m: {"fn": "gelu", "approximate": m.approximate},
+    nn.Hardswish: lambda m: {"fn": "hardswish"},
+    nn.Mish: lambda m: {"fn": "mish"},
+    nn.ELU: lambda m: {"fn": "elu", "alpha": float(m.alpha)},
+    nn.LeakyReLU: lambda m: {"fn": "leaky_relu", "negative_slope": float(m.negative_slope)},
+    nn.Tanh: lambda m: {"fn": "tanh"},
+}
+_ACTIVATION_FUNCTIONS: Dict[Callable, Tuple[str, Tuple[str, ...], Dict[str, Any]]] = {
+    F.silu: ("silu", ("input", "inplace"), {}),
+    F.gelu: ("gelu", ("input", "approximate"), {"approximate": "none"}),
+    F.hardswish: ("hardswish", ("input", "inplace"), {}),
+    F.mish: ("mish", ("input", "inplace"), {}),
+    F.elu: ("elu", ("input", "alpha", "inplace"), {"alpha": 1.0}),
+    F.leaky_relu: ("leaky_relu", ("input", "negative_slope", "inplace"), {"negative_slope": 0.01}),
+    torch.tanh: ("tanh", ("input",), {}),
+    F.tanh: ("tanh", ("input",), {}),
+}
+_ACTIVATION_METHODS = {"tanh": "tanh", "tanh_": "tanh"}
+_FROZEN_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_FROZEN_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax}
+_FROZEN_METHODS = {"sigmoid", "sigmoid_", "softmax"}
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div, operator.matmul,
+                      torch.matmul, torch.einsum, torch.bmm}
+_PRODUCT_METHODS = {"mul", "mul_", "__mul__", "__rmul__", "div", "div_", "__truediv__", "matmul", "__matmul__", "bmm"}
+_NORM_FUNCTIONS = {F.layer_norm: "layer", F.group_norm: "group", F.rms_norm: "rms"}
+_WINDOW_ATTENTION = {swin_transformer.shifted_window_attention}
+_PAD_FUNCTIONS = {F.pad, swin_transformer._patch_merging_pad}
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -54,9 +98,10 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _TUPLE_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 _TUPLE_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 _REARRANGE_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                        torch.swapaxes, torch.narrow, torch.movedim, torch.t}
+                        torch.swapaxes, torch.narrow, torch.movedim, torch.t, torch.roll} | _PAD_FUNCTIONS
 _REARRANGE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "squeeze", "unsqueeze",
-                      "swapaxes", "narrow", "movedim", "t", "expand", "expand_as", "view_as", "reshape_as", "repeat"}
+                      "swapaxes", "narrow", "movedim", "t", "expand", "expand_as", "view_as", "reshape_as", "repeat",
+                      "roll"}
 _SHAPE_METHODS = {"size", "dim", "numel"}
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                operator.neg, operator.getitem, builtins.getattr, builtins.int, builtins.len}
@@ -86,7 +131,9 @@ class Step:
     ``inputs`` are the names of the steps whose outputs it reads (tensor arguments, in order;
     constants are left out), ``node`` the fx node it comes from (``None`` inside a leaf block),
     ``module`` the module it calls, ``window`` its geometry (conv, pools), ``options`` the rest
-    (``dim`` of a cat, ``factor`` of a scale, the pooling flags)."""
+    (``dim`` of a cat, ``factor`` of a scale, the pooling flags, an activation's function),
+    ``signal`` which inputs receive the signal going down (a product's data operand, an
+    attention's values; ``None`` for all)."""
 
     name: str
     kind: str
@@ -95,6 +142,7 @@ class Step:
     module: Optional[nn.Module] = None
     window: Optional[Window] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    signal: Optional[Tuple[int, ...]] = None  # the inputs (by index) a signal goes to; None: all
     users: List[str] = field(default_factory=list)
 
 
@@ -170,7 +218,10 @@ def _bind(node: fx.Node, names: Sequence[str], defaults: Dict[str, Any]) -> Dict
 class Graph:
     """The classified graph of one model: ``steps`` in forward order (see :class:`Step`),
     ``layers`` (the names pages use: the zoo's aliases where it has them, else node names),
-    ``nodes`` (every projectable node name) and ``aliases`` (alias -> step name)."""
+    ``nodes`` (every projectable node name) and ``aliases`` (alias -> step name).
+
+    Shapes, layouts and receptive boxes per input size come from :meth:`geometry`, computed
+    once per size (:mod:`zfkernels.engine.geometry`)."""
 
     @property
     def model(self) -> nn.Module:
@@ -191,9 +242,14 @@ class Graph:
         self.values: Dict[fx.Node, str] = {}  # node -> "tensor" | "const" | "shape" | "tuple" | "none"
         self.step_of: Dict[fx.Node, str] = {}  # tensor node -> the step holding its value
         self.tuple_source: Dict[fx.Node, fx.Node] = {}  # chunk/split node -> its tensor input
+        self.frozen: set = set()  # steps whose value is a constant going down
+        self.reached: set = set()  # steps a signal can reach from the output
         self.output: Optional[str] = None
         self._reads: Dict[str, Tuple[str, ...]] = {}
-        self.layouts: Dict[Tuple[int, int], "Tape"] = {}  # image size -> shapes (Deconvnet.layout)
+        self._geometries: Dict[Tuple[int, int], Any] = {}  # image size -> engine.geometry.Geometry
+        self._layers: Optional[Tuple[List[str], List[str]]] = None
+        size = getattr(model, "image_size", 224)
+        self.canonical_size: Tuple[int, int] = pair(size) if isinstance(size, (int, tuple, list)) else (224, 224)
         for node in self.graph.nodes:
             self._classify(node)
         for step in self.steps.values():
@@ -201,16 +257,57 @@ class Graph:
                 self.steps[name].users.append(step.name)
         self.order = list(self.steps)
         self.position = {name: i for i, name in enumerate(self.order)}
-        self.spatial = self._spatial_steps()
-        self.nodes: List[str] = [name for name in self.order if self._projectable(name) and name in self.spatial
-                                 and name in self.node_names]
+        self._check_signal_paths()
         self.aliases: Dict[str, str] = _zoo_aliases(model, self)
-        by_step = {step: alias for alias, step in self.aliases.items() if not alias.startswith("fc")}
-        self.layers: List[str] = [by_step.get(name, name) for name in self.nodes]
 
     @property
     def node_names(self) -> set:
         return set(self.names.values())
+
+    def geometry(self, image_size: Tuple[int, int]) -> Any:
+        """Shapes, layouts and receptive boxes for images of ``image_size``
+        (:class:`zfkernels.engine.geometry.Geometry`), computed once per size."""
+        from .geometry import Geometry  # geometry runs the walker, which reads this module
+
+        size = (int(image_size[0]), int(image_size[1]))
+        found = self._geometries.get(size)
+        if found is None:
+            found = self._geometries[size] = Geometry(self, size)
+        return found
+
+    def _listing(self) -> Tuple[List[str], List[str]]:
+        if self._layers is None:
+            geometry = self.geometry(self.canonical_size)
+            nodes = [name for name in self.order if name in self.node_names and geometry.is_map(name)
+                     and self._projectable(name)]
+            by_step = {step: alias for alias, step in self.aliases.items() if not alias.startswith("fc")}
+            self._layers = (nodes, [by_step.get(name, name) for name in nodes])
+        return self._layers
+
+    @property
+    def nodes(self) -> List[str]:
+        """Every projectable node, in forward order: activation outputs, block outputs and
+        rectified concatenations whose output is a feature map or a token grid (at the model's
+        canonical input size)."""
+        return self._listing()[0]
+
+    @property
+    def rectified_nodes(self) -> List[str]:
+        """The :attr:`nodes` that are an activation's output or a concatenation of rectified
+        maps (no block outputs): the layers of the ReLU families before issue #18."""
+        return [name for name in self.nodes if self.steps[name].kind in ACTIVATIONS or self._rectified(name)]
+
+    def _rectified(self, name: str) -> bool:
+        step = self.steps[name]
+        if step.kind == "cat":
+            return all(self._ends_in_rectifier(i) for i in step.inputs)
+        return step.kind == "rearrange" and step.node is not None and _is_channel_shuffle_view(step, self) and \
+            self._ends_in_rectifier(step.inputs[0])
+
+    @property
+    def layers(self) -> List[str]:
+        """:attr:`nodes` by the names pages use (the zoo's aliases where it has them)."""
+        return self._listing()[1]
 
     # -- classification ----------------------------------------------------------------------
 
@@ -218,13 +315,16 @@ class Graph:
         name = self.names.get(node, node.name)
         raise Unsupported(
             f"Deconvnet: {type(self.model).__name__} is not supported: node {name!r} ({what or _describe(node, self.model)}) "
-            "is not an operation the deconvnet can project through (supported: Conv2d, BatchNorm2d in eval, ReLU, ReLU6, "
-            "max/avg/adaptive-avg pooling, add, cat/chunk/split/view/transpose/flatten, linear, dropout, "
-            "LocalResponseNorm, identity)"
+            "is not an operation the deconvnet can project through (supported: convolutions, BatchNorm in eval, "
+            "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Mish, ELU, Tanh, sigmoid/hard-sigmoid gates, "
+            "LayerNorm/GroupNorm/RMSNorm, attention, max/avg/adaptive-avg pooling, add, cat/chunk/split/view/"
+            "permute/pad/roll, linear, dropout, LocalResponseNorm, identity; docs/engine.md)"
         )
 
     def _add(self, step: Step) -> str:
         self.steps[step.name] = step
+        if step.kind == "frozen":
+            self.frozen.add(step.name)
         return step.name
 
     def _tensor_args(self, node: fx.Node) -> List[fx.Node]:
@@ -253,16 +353,19 @@ class Graph:
         kinds = set()
         fx.node.map_arg((node.args, node.kwargs), lambda n: kinds.add(self.values.get(n)))
         if not tensors:
-            if "tuple" in kinds and node.op == "call_function" and node.target is operator.getitem:
+            if kinds & {"tuple", "attention"} and node.op == "call_function" and node.target is operator.getitem:
                 self._classify_tuple_item(node, name)
                 return
             # Sizes, their arithmetic, and constants: evaluated, never projected through.
             self.values[node] = "const" if "const" in kinds and "shape" not in kinds else "shape"
-            if node.op == "call_module" or (node.op == "call_function" and node.target in _CHECKS):
+            if node.op == "call_function" and node.target in _CHECKS:
                 self.values[node] = "none"
             return
         self.values[node] = "tensor"
-        if node.op == "call_module":
+        if all(self.step_of[t] in self.frozen for t in tensors):
+            # Computed from frozen values alone (a gate's arithmetic): frozen too.
+            self._new(node, name, "frozen", tensors)
+        elif node.op == "call_module":
             self._classify_module(node, name, tensors)
         elif node.op == "call_method":
             self._classify_method(node, name, tensors)
@@ -272,15 +375,32 @@ class Graph:
     def _new(self, node: fx.Node, name: str, kind: str, inputs: Sequence[fx.Node], **extra: Any) -> None:
         self.step_of[node] = self._add(Step(name, kind, tuple(self.step_of[n] for n in inputs), node=node, **extra))
 
+    def _opaque(self, node: fx.Node, name: str, tensors: Sequence[fx.Node], what: Optional[str] = None) -> None:
+        """A step without a rule: evaluated going up, refused if a signal can reach it."""
+        self._new(node, name, "opaque", tensors, options={"refusal": what or _describe(node, self.model)})
+
     def _classify_tuple_item(self, node: fx.Node, name: str) -> None:
         source = node.args[0]
         self.values[node] = "tensor"
-        self._new(node, name, "rearrange", [self.tuple_source[source]])
+        origin = self.tuple_source[source]
+        if self.values.get(source) == "attention":  # (output, weights)[0] of nn.MultiheadAttention
+            if node.args[1] != 0:
+                if node.users:
+                    self._refuse(node, "the attention weights of nn.MultiheadAttention (need_weights)")
+                self.values[node] = "none"  # (x, _ = attention(...)): unused
+                return
+            self._new(node, name, "identity", [origin])
+            return
+        self._new(node, name, "rearrange", [origin])
 
     def _classify_module(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
         module = self.model.get_submodule(node.target)
+        if isinstance(module, nn.MultiheadAttention):
+            self._classify_mha(node, name, module)
+            return
         if len(tensors) != 1:
-            self._refuse(node)
+            self._opaque(node, name, tensors)
+            return
         source = self.step_of[tensors[0]]
         if isinstance(module, nn.Sequential):  # a torchvision leaf block: its children as a chain
             children = list(module.children())
@@ -296,13 +416,40 @@ class Graph:
             return
         step = _module_step(module, name, source, node)
         if step is None:
-            self._refuse(node)
+            self._opaque(node, name, tensors)
+            return
+        self.step_of[node] = self._add(step)
+
+    def _classify_mha(self, node: fx.Node, name: str, module: nn.MultiheadAttention) -> None:
+        bound = _bind(node, ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                             "average_attn_weights", "is_causal"),
+                      {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "is_causal": False})
+        if not module.batch_first:
+            self._refuse(node, "nn.MultiheadAttention with batch_first=False")
+        if any(bound[k] is not None for k in ("key_padding_mask", "attn_mask")) or bound["is_causal"]:
+            self._refuse(node, "nn.MultiheadAttention with a mask")
+        if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+            self._refuse(node, "nn.MultiheadAttention with bias_k, add_zero_attn or kdim/vdim")
+        parts = [bound["query"], bound["key"], bound["value"]]
+        if any(self.values.get(p) != "tensor" for p in parts):
+            self._refuse(node, "nn.MultiheadAttention on a constant")
+        value = parts[2]
+        inputs = list(dict.fromkeys(parts))
+        self.values[node] = "attention"
+        self.tuple_source[node] = node
+        step = Step(name, "attention", tuple(self.step_of[p] for p in inputs), node=node, module=module,
+                    options={"how": "mha", "parts": tuple(inputs.index(p) for p in parts)},
+                    signal=(inputs.index(value),))
         self.step_of[node] = self._add(step)
 
     def _classify_method(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
         target = node.target
         if target in _RELU_METHODS:
             self._new(node, name, "relu", tensors[:1])
+        elif target in _ACTIVATION_METHODS:
+            self._new(node, name, "activation", tensors[:1], options={"fn": _ACTIVATION_METHODS[target]})
+        elif target in _FROZEN_METHODS:
+            self._new(node, name, "frozen", tensors, options={"source": f"method .{target}()"})
         elif target in _ADD_METHODS:
             self._classify_add(node, name, tensors)
         elif target in _TUPLE_METHODS and len(tensors) == 1:
@@ -317,8 +464,10 @@ class Graph:
         elif target in ("mul", "div", "__mul__", "__truediv__") and len(tensors) == 1 and isinstance(node.args[1], (int, float)):
             factor = float(node.args[1])
             self._new(node, name, "scale", tensors, options={"factor": factor if "mul" in target else 1.0 / factor})
+        elif target in _PRODUCT_METHODS:
+            self._classify_product(node, name, tensors)
         else:
-            self._refuse(node)
+            self._opaque(node, name, tensors)
 
     def _classify_function(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
         target = node.target
@@ -328,21 +477,36 @@ class Graph:
                                                                    {"min_val": -1.0, "max_val": 1.0}).get("min_val") == 0.0
                                    and _bind(node, ("input", "min_val", "max_val"), {}).get("max_val") == 6.0):
             self._new(node, name, "relu6", tensors[:1])
+        elif target in _ACTIVATION_FUNCTIONS and node.args and node.args[0] is tensors[0] and len(tensors) == 1:
+            fn, names, defaults = _ACTIVATION_FUNCTIONS[target]
+            bound = _bind(node, names, defaults)
+            options = {"fn": fn, **{k: bound[k] for k in defaults}}
+            self._new(node, name, "activation", tensors, options=options)
+        elif target in _FROZEN_FUNCTIONS:
+            self._new(node, name, "frozen", tensors, options={"source": f"function {target.__name__}"})
         elif target in _ADD_FUNCTIONS:
             self._classify_add(node, name, tensors)
         elif target in _CAT_FUNCTIONS:
             pieces = node.args[0] if node.args else node.kwargs.get("tensors", ())
-            if not isinstance(pieces, (list, tuple)) or len(pieces) != len(tensors) or \
-                    any(self.values.get(p) != "tensor" for p in pieces):
-                self._refuse(node, "cat of tensors and constants")
+            if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
+                self._refuse(node, "cat of a non-list")
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            self._new(node, name, "cat", tensors, options={"dim": int(dim)})
+            data = [self.values.get(p) == "tensor" for p in pieces]
+            if sum(data) != len(tensors) or any(self.step_of[p] in self.frozen for p, d in zip(pieces, data) if d):
+                self._opaque(node, name, tensors, "cat of a frozen value")
+                return
+            self._new(node, name, "cat", tensors, options={
+                "dim": int(dim), "pieces": tuple(self.step_of[p] if d else None for p, d in zip(pieces, data))})
         elif target in _TUPLE_FUNCTIONS and len(tensors) == 1:
             self.values[node] = "tuple"
             self.tuple_source[node] = tensors[0]
         elif target is operator.getitem and len(tensors) == 1 and node.args[0] is tensors[0]:
             self._new(node, name, "rearrange", tensors)  # slicing a tensor
-        elif target in _REARRANGE_FUNCTIONS and len(tensors) == 1:
+        elif target in _REARRANGE_FUNCTIONS and len(tensors) == 1 and node.args and node.args[0] is tensors[0]:
+            if target is F.pad and _bind(node, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None}
+                                         ).get("mode") != "constant":
+                self._opaque(node, name, tensors, "F.pad other than constant")
+                return
             self._new(node, name, "rearrange", tensors)
         elif target in _AFFINE_FUNCTIONS and len(tensors) == 1:
             self._new(node, name, "affine", tensors)
@@ -366,46 +530,143 @@ class Graph:
             if target is operator.truediv and node.args[0] is not tensors[0]:
                 self._refuse(node, "a number divided by a tensor")
             self._new(node, name, "scale", tensors, options={"factor": factor})
+        elif target in _PRODUCT_FUNCTIONS:
+            self._classify_product(node, name, tensors)
+        elif target in _NORM_FUNCTIONS and node.args and node.args[0] is tensors[0] and len(tensors) == 1:
+            self._classify_norm_function(node, name, tensors)
+        elif target is F.scaled_dot_product_attention:
+            self._classify_sdpa(node, name, tensors)
+        elif target in _WINDOW_ATTENTION and node.args and node.args[0] is tensors[0] and len(tensors) == 1:
+            self._new(node, name, "attention", tensors, options={"how": "window"})
         elif target in _CHECKS:
             self.values[node] = "none"
         elif target is builtins.getattr and node.args[1] in ("shape", "ndim", "dtype", "device"):
             self.values[node] = "shape"
         else:
-            self._refuse(node)
+            self._opaque(node, name, tensors)
 
     def _classify_add(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
         if node.kwargs.get("alpha", 1) != 1:
-            self._refuse(node, "add with alpha")
-        if len(tensors) == 2:
+            self._opaque(node, name, tensors, "add with alpha")
+        elif len(tensors) == 2 and len(node.args) >= 2 and node.args[0] is not node.args[1]:
             self._new(node, name, "add", tensors)
-        else:  # a tensor plus a constant: the constant is a bias, dropped going down
-            self._new(node, name, "bias", tensors)
+        elif len(tensors) == 1 and not (len(node.args) >= 2 and node.args[0] is node.args[1]):
+            self._new(node, name, "bias", tensors)  # a tensor plus a constant: dropped going down
+        else:
+            self._opaque(node, name, tensors, "x + x")
+
+    def _classify_product(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
+        """``a * s``, ``a / s``, ``A @ v``, ``einsum``: linear in its one operand that is neither
+        a constant nor frozen (``options["data"]`` is that operand's step)."""
+        data = [t for t in tensors if self.step_of[t] not in self.frozen]
+        if len(data) != 1 or sum(1 for a in node.args if a is data[0]) + sum(
+                1 for a in node.kwargs.values() if a is data[0]) != 1:
+            self._opaque(node, name, tensors, f"{_describe(node, self.model)}: a product of two data tensors that is "
+                                              "not a gate (neither is a sigmoid/softmax output or a constant)")
+            return
+        divides = node.target in (operator.truediv, torch.div, "div", "div_", "__truediv__")
+        if divides and (not node.args or node.args[0] is not data[0]):
+            self._opaque(node, name, tensors, "division by a data tensor")
+            return
+        signal = tensors.index(data[0])
+        self._new(node, name, "product", tensors, signal=(signal,), options={"operands": tuple(tensors)})
+
+    def _classify_norm_function(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
+        how = _NORM_FUNCTIONS[node.target]
+        names = {"layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+                 "group": ("input", "num_groups", "weight", "bias", "eps"),
+                 "rms": ("input", "normalized_shape", "weight", "eps")}[how]
+        self._new(node, name, "norm", tensors, options={"how": how, "names": names})
+
+    def _classify_sdpa(self, node: fx.Node, name: str, tensors: List[fx.Node]) -> None:
+        bound = _bind(node, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                      {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+        if bound["dropout_p"] or bound["enable_gqa"]:
+            self._opaque(node, name, tensors, "scaled_dot_product_attention with dropout or grouped queries")
+            return
+        if any(self.values.get(bound[k]) != "tensor" for k in ("query", "key", "value")):
+            self._opaque(node, name, tensors, "scaled_dot_product_attention on constants")
+            return
+        value = bound["value"]
+        if isinstance(bound["attn_mask"], fx.Node) and self.values.get(bound["attn_mask"]) == "tensor" and \
+                self.step_of[bound["attn_mask"]] not in self.frozen:
+            self._opaque(node, name, tensors, "scaled_dot_product_attention with a data-dependent mask")
+            return
+        self._new(node, name, "attention", tensors, options={"how": "sdpa"}, signal=(tensors.index(value),))
+
+    # -- where the signal goes ---------------------------------------------------------------
+
+    def signal_inputs(self, name: str) -> Tuple[str, ...]:
+        """The inputs of step ``name`` that receive its signal going down (all its inputs but
+        frozen ones; for a product or an attention, only the data operand or the values)."""
+        step = self.steps[name]
+        if step.kind in ("frozen", "input"):
+            return ()
+        if step.signal is not None:
+            return tuple(step.inputs[i] for i in step.signal)
+        return step.inputs
+
+    def _check_signal_paths(self) -> None:
+        """Refuse, naming the node, any step a signal can reach from the output without a rule:
+        an opaque operation, or a sigmoid/softmax used other than as a gate or attention
+        weights (freezing it there would be silently wrong)."""
+        if self.output is None:
+            return
+        seen = {self.output}
+        stack = [self.output]
+        while stack:
+            name = stack.pop()
+            step = self.steps[name]
+            if step.kind == "opaque":
+                self._refuse(step.node, step.options.get("refusal"))
+            if step.kind == "frozen":
+                while "source" not in step.options:  # computed from frozen values: name the first
+                    step = self.steps[step.inputs[0]]
+                what = step.options["source"]
+                self._refuse(step.node, f"{what} whose output is used other than as a gate or attention weights")
+            for source in self.signal_inputs(name):
+                if source not in seen:
+                    seen.add(source)
+                    stack.append(source)
+        self.reached = seen
 
     # -- what can be projected ---------------------------------------------------------------
 
-    def _spatial_steps(self) -> set:
-        """Steps whose output is still a feature map: not at or below a linear layer, an
-        ``affine`` reduction or a flatten/view (those belong to the classifier)."""
-        flat: set = set()
-        for name in self.order:
-            step = self.steps[name]
-            below = any(i in flat for i in step.inputs)
-            if below or step.kind in ("linear", "affine") or _flattens(step):
-                flat.add(name)
-        return {name for name in self.order if name not in flat}
-
     def _projectable(self, name: str) -> bool:
-        """A rectifier's output, or a concatenation of projectable maps (through max pooling
-        and rearrangements): a block whose every path ends in a ReLU."""
+        """A pointwise activation's output, a block output (the last node of a composite module,
+        other than a pooling, an identity or an ``affine`` reduction), or a concatenation of
+        projectable maps (through max pooling and rearrangements): a block whose every path
+        ends in a rectifier. Steps outside the signal's reach (a gate's branch) are not."""
         step = self.steps[name]
-        if step.kind in RECTIFIERS:
+        if name not in self.reached or step.kind in ("frozen", "input"):
+            return False
+        if step.kind in ACTIVATIONS:
             return True
         if step.kind == "cat":
             return all(self._ends_in_rectifier(i) for i in step.inputs)
         if step.kind == "rearrange" and step.node is not None and not any(
-                self.steps[u].kind == "rearrange" for u in step.users) and _is_channel_shuffle_view(step, self):
-            return self._ends_in_rectifier(step.inputs[0])
-        return False
+                self.steps[u].kind == "rearrange" for u in step.users) and _is_channel_shuffle_view(step, self) and \
+                self._ends_in_rectifier(step.inputs[0]):
+            return True
+        return name in self.block_outputs and step.kind not in ("maxpool", "avgpool", "affine", "identity")
+
+    @property
+    def block_outputs(self) -> set:
+        """The last node inside each composite module (``features.1.2`` -> ``features.1.2.add``):
+        a node named ``<module>.<op>`` belongs to every module its name's prefixes name."""
+        found = getattr(self, "_block_outputs", None)
+        if found is None:
+            last: Dict[str, str] = {}
+            for node_name in self.order:
+                if node_name not in self.node_names:
+                    continue
+                parts = node_name.split(".")
+                for i in range(1, len(parts)):
+                    last[".".join(parts[:i])] = node_name
+            found = self._block_outputs = set(last.values())
+            if self.output is not None and self.output in self.node_names:  # the model itself is a block
+                found.add(self.output)
+        return found
 
     def _ends_in_rectifier(self, name: str) -> bool:
         step = self.steps[name]
@@ -425,7 +686,7 @@ class Graph:
         if layer == "logits" and self.output is not None:
             return self.output
         inside = [name for name in self.order if name.startswith(layer + ".") and name in self.node_names]
-        if inside and self._projectable(inside[-1]):
+        if inside and inside[-1] in self.nodes:
             return inside[-1]
         raise ValueError(unknown_layer_message(layer, self.layers, [*self.nodes, *self.aliases]))
 
@@ -453,11 +714,19 @@ class Graph:
         return cached
 
     def ancestors(self, name: str) -> List[str]:
-        """The steps ``name`` depends on, itself included, in forward order."""
+        """The steps ``name`` depends on going up, itself included, in forward order."""
+        return self._closure(name, self.reads)
+
+    def signal_ancestors(self, name: str) -> List[str]:
+        """The steps a signal seeded at ``name`` passes through going down, itself included,
+        in forward order (frozen values and the branches only they read are left out)."""
+        return self._closure(name, self.signal_inputs)
+
+    def _closure(self, name: str, edges: Callable[[str], Sequence[str]]) -> List[str]:
         seen = {name}
         stack = [name]
         while stack:
-            for i in self.reads(stack.pop()):
+            for i in edges(stack.pop()):
                 if i not in seen:
                     seen.add(i)
                     stack.append(i)
@@ -484,21 +753,6 @@ def _view_dims(node: fx.Node) -> Optional[int]:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
     return len(shape)
-
-
-def _flattens(step: Step) -> bool:
-    """A flatten, or a view/reshape to at most two dimensions: the way into a classifier."""
-    if step.kind != "rearrange":
-        return False
-    if isinstance(step.module, nn.Flatten):
-        return True
-    node = step.node
-    if node is None:
-        return False
-    if (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten"):
-        return True
-    dims = _view_dims(node)
-    return dims is not None and dims <= 2
 
 
 def _is_channel_shuffle_view(step: Step, graph: Graph) -> bool:
@@ -549,6 +803,24 @@ def _module_step(module: nn.Module, name: str, source: str, node: Optional[fx.No
         return Step(name, "identity", inputs, node, module)
     if isinstance(module, NORMALISATIONS):
         return Step(name, "lrn", inputs, node, module)
+    if type(module) in ACTIVATION_MODULES:
+        return Step(name, "activation", inputs, node, module, options=ACTIVATION_MODULES[type(module)](module))
+    if isinstance(module, _FROZEN_MODULES):
+        return Step(name, "frozen", inputs, node, module, options={"source": f"module {type(module).__name__}"})
+    if isinstance(module, convnext.LayerNorm2d):  # channels first: F.layer_norm over C after a permute
+        return Step(name, "norm", inputs, node, module, options={"how": "layer2d"})
+    if isinstance(module, nn.LayerNorm):
+        return Step(name, "norm", inputs, node, module, options={"how": "layer"})
+    if isinstance(module, nn.GroupNorm):
+        return Step(name, "norm", inputs, node, module, options={"how": "group"})
+    if isinstance(module, getattr(nn, "RMSNorm", ())):
+        return Step(name, "norm", inputs, node, module, options={"how": "rms"})
+    if isinstance(module, torchvision.ops.SqueezeExcitation):
+        return Step(name, "gate", inputs, node, module)
+    if isinstance(module, torchvision.ops.StochasticDepth):
+        return Step(name, "identity", inputs, node, module)
+    if isinstance(module, torchvision.ops.Permute):
+        return Step(name, "rearrange", inputs, node, module)
     return None
 
 
@@ -593,6 +865,8 @@ def _zoo_aliases(model: nn.Module, graph: Graph) -> Dict[str, str]:
     return aliases
 
 
+
+
 # -- the one forward walker ---------------------------------------------------------------------
 
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, Graph]" = weakref.WeakKeyDictionary()
@@ -621,188 +895,3 @@ def projectable_layers(model: nn.Module) -> List[str]:
 def layer_aliases(model: nn.Module) -> Dict[str, str]:
     """The zoo's alias -> node name (``conv1`` -> ``features.1``); empty for other models."""
     return dict(graph_of(model).aliases)
-
-
-def evaluate(node: fx.Node, lookup: Callable[[fx.Node], Any], root: nn.Module) -> Any:
-    """One fx node on the values ``lookup`` gives its argument nodes (in-place variants run out of
-    place, so no earlier output is ever overwritten)."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
-    if node.op == "call_module":
-        return root.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "call_method":
-        method = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("_") else node.target
-        return getattr(args[0], method)(*args[1:], **kwargs)
-    if node.op == "get_attr":
-        value: Any = root
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    target = node.target
-    if target is operator.iadd:
-        target = operator.add
-    if target is torch.relu_ or target is F.relu_:
-        target = torch.relu
-    if "inplace" in kwargs:
-        kwargs = {**kwargs, "inplace": False}
-    return target(*args, **kwargs)
-
-
-@dataclass
-class Tape:
-    """What one forward keeps besides the activations asked for: max-pool switches
-    (``ops.maxpool_switches``), the normalisations' inputs, every step's output shape and the
-    non-tensor values (sizes) the graph computed."""
-
-    switches: Dict[str, torch.Tensor] = field(default_factory=dict)
-    norm_inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
-    shapes: Dict[str, torch.Size] = field(default_factory=dict)
-    env: Dict[fx.Node, Any] = field(default_factory=dict)
-    inputs: Dict[str, Any] = field(default_factory=dict)  # rearrange step -> its input value (index maps)
-
-
-def run_step(step: Step, values: Sequence[torch.Tensor], lookup: Callable[[fx.Node], Any], root: nn.Module,
-             tape: Optional[Tape]) -> torch.Tensor:
-    """One step forward, with eval-mode semantics whatever the modules' mode (BatchNorm on its
-    running statistics, dropout the identity) and no in-place writes into earlier outputs."""
-    kind = step.kind
-    x = values[0] if values else None
-    if kind == "relu":
-        return torch.relu(x)
-    if kind == "relu6":
-        return F.hardtanh(x, 0.0, 6.0)
-    if kind == "bn":
-        m = step.module
-        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-    if kind == "conv" and step.node is None:
-        return step.module(x)
-    if kind == "maxpool":
-        w = step.window
-        if tape is not None:
-            from . import ops  # the ops load the compiled extension: only a recording needs them
-
-            out, tape.switches[step.name] = ops.maxpool_switches(x, w.kernel, w.stride, w.padding, dilation=w.dilation,
-                                                                 ceil_mode=w.ceil_mode)
-            return out
-        return F.max_pool2d(x, w.kernel, w.stride, w.padding, w.dilation, w.ceil_mode)
-    if kind == "identity":
-        return x
-    if kind == "lrn":
-        if tape is not None:
-            tape.norm_inputs[step.name] = x
-        return normalise(step.module, x)
-    if kind == "add" and step.node is not None:
-        return values[0] + values[1] if step.node.target is not torch.add else torch.add(values[0], values[1])
-    if step.node is None:  # a leaf block's child: linear, pools, flatten…
-        return step.module(x)
-    return evaluate(step.node, lookup, root)
-
-
-def normalise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Normalisations in float32 for half-precision maps (PyTorch's CPU LocalResponseNorm has no
-    bfloat16 kernel, and a sum of squares deserves float anyway)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return module(x.float()).to(x.dtype)
-    return module(x)
-
-
-def walk(graph: Graph, images: torch.Tensor, wanted: Iterable[str], *, keep: Iterable[str] = (),
-         tape: Optional[Tape] = None) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The one forward walker: run ``graph`` on ``images`` in forward order, yield
-    ``(step, output)`` for each step in ``wanted`` as soon as it is computed, and stop after the
-    last of them. Outputs no later step reads are freed as the walk goes, except ``keep``'s.
-    With a ``tape``, also keep what a recording needs (see :class:`Tape`)."""
-    wanted = set(wanted)
-    keep = set(keep) | wanted
-    if not wanted:
-        return
-    last = max(graph.position[name] for name in wanted)
-    needed = graph.ancestors(graph.order[last])
-    needed_set = set(needed)
-    for name in wanted:
-        if name not in needed_set:  # a wanted step on another branch than the deepest
-            needed_set.update(graph.ancestors(name))
-    order = [name for name in graph.order if name in needed_set]
-    last_use = {}
-    for i, name in enumerate(order):
-        for source in graph.reads(name):
-            last_use[source] = i
-    env: Dict[fx.Node, Any] = tape.env if tape is not None else {}  # non-tensor values (sizes, chunk tuples)
-    outputs: Dict[str, torch.Tensor] = {}
-
-    def lookup(node: fx.Node) -> Any:
-        if graph.values.get(node) == "tensor":
-            return outputs[graph.step_of[node]]
-        if node not in env:  # sizes, constants and chunk tuples: evaluated when first read
-            env[node] = evaluate(node, lookup, graph.model)
-        return env[node]
-
-    pending = len(wanted)
-    try:
-        for i, name in enumerate(order):
-            step = graph.steps[name]
-            values = [outputs[source] for source in step.inputs]
-            if step.kind == "input":
-                value = images
-            else:
-                try:
-                    value = run_step(step, values, lookup, graph.model, tape)
-                except RuntimeError as error:
-                    shape = tuple(values[0].shape[-2:]) if values and values[0].dim() == 4 else tuple(values[0].shape)
-                    raise ValueError(
-                        f"Deconvnet: images of {images.shape[-2]}x{images.shape[-1]} do not fit this model: step {name!r} "
-                        f"({step.kind}) receives a {'x'.join(map(str, shape))} map ({str(error).splitlines()[0]})"
-                    ) from error
-            outputs[name] = value
-            if tape is not None:
-                tape.shapes[name] = value.shape
-                if step.kind == "rearrange":
-                    tape.inputs[name] = values[0].shape
-            if name in wanted:
-                yield name, value
-                pending -= 1
-                if pending == 0:
-                    return
-            for source in graph.reads(name):
-                if last_use.get(source) == i and source not in keep:
-                    outputs.pop(source, None)
-    finally:
-        # ``lookup`` refers to itself (it recurses through ``evaluate``), so this frame's
-        # variables form a reference cycle that only the cyclic collector frees. Tensors are
-        # few Python objects, so that collector rarely runs and every batch's maps would stay
-        # alive until it does: leave the cycle holding nothing.
-        outputs.clear()
-        del lookup
-
-
-def rearrangement_index(graph: Graph, step: Step, input_shape: torch.Size, env: Dict[fx.Node, Any],
-                        device: torch.device) -> torch.Tensor:
-    """Where each output element of a ``rearrange`` step comes from: an int64 tensor of one
-    image's output shape holding flat indices into one image's input, found by running the step
-    on an index tensor (same sizes as the recorded forward). Raises ``ValueError`` when the step
-    mixes images (its output rows would differ)."""
-    per_image = math.prod(input_shape[1:])
-    index = torch.arange(per_image, device=device).repeat(input_shape[0]).view(input_shape)
-    local: Dict[fx.Node, Any] = {}
-    node = step.node
-    if node is None:  # a leaf block's Flatten
-        out = step.module(index)
-    else:
-        tuple_node = node.args[0] if graph.values.get(node.args[0]) == "tuple" else None
-        source = graph.tuple_source[tuple_node] if tuple_node is not None else next(
-            n for n in node.all_input_nodes if graph.values.get(n) == "tensor")
-
-        def lookup(n: fx.Node) -> Any:
-            if n is source:
-                return index
-            if n in local:
-                return local[n]
-            if n is tuple_node:
-                local[n] = evaluate(n, lookup, graph.model)
-                return local[n]
-            return env[n]
-
-        out = evaluate(node, lookup, graph.model)
-        del lookup  # it refers to itself: free the index maps now, not at the next cyclic collection
-    if out.shape[0] != input_shape[0] or (input_shape[0] > 1 and not bool((out == out[:1]).all())):
-        raise ValueError(f"Deconvnet: step {step.name!r} mixes the batch's images; it cannot be projected per image")
-    return out[0].contiguous()
