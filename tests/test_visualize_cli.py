@@ -438,3 +438,23 @@ def test_help(capsys):
 def test_python_dash_m_help():
     result = run_zfk("--help", timeout=120)
     assert result.returncode == 0 and "zfk visualize" in result.stdout and not result.stderr
+
+
+def test_one_run_builds_one_deconvnet(tmp_path, capsys, monkeypatch):
+    """Sizes, channels and receptive fields come from the traced graph's geometry, computed once
+    per model and size (docs/engine.md): only pass 2, which projects, builds a ``Deconvnet``
+    (the README's command built 7 before issue #18)."""
+    from zfkernels.engine import Deconvnet, ModelGeometry
+
+    built = []
+    original = ModelGeometry.__init__
+
+    def counting(self, model):
+        built.append(type(self))
+        original(self, model)
+
+    monkeypatch.setattr(ModelGeometry, "__init__", counting)
+    status, _, err = zfk(["visualize", "--out", tmp_path / "out", "--layers", "conv2,conv5", "--features", "0-1",
+                          "--top", "2", "--workers", "0", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert built.count(Deconvnet) == 1, built

@@ -153,10 +153,25 @@ class Unsupported(ValueError):
 # -- tracing -------------------------------------------------------------------------------------
 
 
+class _ControlFlow(Exception):
+    """A traced value decides a Python branch (``if x.sum() > 0``): the node it comes from."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.node = node
+
+
+class _Tracer(NodePathTracer):
+    """torchvision's tracer, which names the node whose value a Python branch would need."""
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        raise _ControlFlow(self.node_to_qualname.get(obj.node, obj.node.name))
+
+
 def _tracer() -> NodePathTracer:
     """torchvision's tracer with its defaults (torchvision.ops modules as leaves, math wrapped)."""
     leaves = [obj for obj in vars(torchvision.ops).values() if isinstance(obj, type) and issubclass(obj, nn.Module)]
-    return NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=leaves)
+    return _Tracer(autowrap_modules=(math, torchvision.ops), leaf_modules=leaves)
 
 
 def _trace(model: nn.Module) -> Tuple[fx.Graph, Dict[fx.Node, str]]:
@@ -166,6 +181,9 @@ def _trace(model: nn.Module) -> Tuple[fx.Graph, Dict[fx.Node, str]]:
     model.eval()
     try:
         graph = tracer.trace(model)
+    except _ControlFlow as error:
+        raise Unsupported(f"Deconvnet: {type(model).__name__} cannot be traced by torch.fx: data-dependent control flow "
+                          f"at node {error.node!r} (its value decides a Python branch)") from None
     except Exception as error:  # fx's TraceError, or anything the model's forward raises on a Proxy
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "control flow" in text or isinstance(error, fx.proxy.TraceError):

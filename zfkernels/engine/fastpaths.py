@@ -21,12 +21,22 @@ def transpose(signal: Signal, shape: Tuple[int, int], below_shape: Tuple[int, in
     below = (int(below_shape[-2]), int(below_shape[-1]))
     box = signal.box
     if box.is_map(shape):
+        patches = None
+        if signal.channels is None and groups == 1 and signal.value.device.type == "cpu":
+            patches = project_patches(signal.value, weight, window)
+        if patches is not None and patches.shape[-2] <= below[0] and patches.shape[-1] <= below[1]:
+            # A patchify stem (ViT, ConvNeXt, Swin): the map below is the patches, then what
+            # no patch covers (nothing, or the remainder of a size the stride does not divide).
+            out = F.pad(patches, (0, below[1] - patches.shape[-1], 0, below[0] - patches.shape[-2]))
+            return Signal(out, Box.whole(out.shape[0], below[0], below[1], out.device))
         # Whole maps: the layer's own padding, and output_size lands exactly on the map below.
         out = ops.project(signal.value, weight, window.stride, window.padding, below, groups=groups,
                           dilation=window.dilation, channels=signal.channels)
         return Signal(out, Box.whole(out.shape[0], below[0], below[1], out.device))
     if signal.channels is None and groups == 1 and signal.value.device.type == "cpu":
         out = project_as_matmul(signal.value, weight, window)
+        if out is None:
+            out = project_patches(signal.value, weight, window)
     else:
         out = None
     if out is None:
@@ -34,6 +44,21 @@ def transpose(signal: Signal, shape: Tuple[int, int], below_shape: Tuple[int, in
                           channels=signal.channels)
     value, new_box = box.down(window).clip(out, below)
     return Signal(value, new_box)
+
+
+def project_patches(x: torch.Tensor, weight: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
+    """``ops.project(x, weight, stride, 0)`` for a convolution whose kernel equals its stride
+    (non-overlapping patches, no padding, no dilation: the stems of ViT, ConvNeXt and Swin,
+    ConvNeXt's downsampling): each output pixel receives one tap, so the transpose is one
+    matrix product per selection and a pixel shuffle. ``None`` for other convolutions. Only the
+    networks of issue #18 have such layers, so the ReLU families' bits are untouched."""
+    if window.stride != window.kernel or window.padding != (0, 0) or window.dilation != (1, 1) or \
+            window.kernel == (1, 1) or x.dtype not in (torch.float32, torch.float64):
+        return None
+    batch, c_out, h, w = x.shape
+    c_in, k_h, k_w = weight.shape[1], weight.shape[2], weight.shape[3]
+    columns = torch.matmul(weight.reshape(c_out, -1).t(), x.reshape(batch, c_out, h * w))
+    return columns.view(batch, c_in, k_h, k_w, h, w).permute(0, 1, 4, 2, 5, 3).reshape(batch, c_in, h * k_h, w * k_w)
 
 
 MATMUL_MIN_PIXELS = 100  # below this a box's batched matrix products are too small to beat oneDNN

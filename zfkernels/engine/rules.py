@@ -532,6 +532,11 @@ def vjp(ctx: Context, step, signal: torch.Tensor, replace: Optional[Dict[fx.Node
     below = ctx.view(source)
     replace = replace or {}
     with torch.inference_mode(False), torch.enable_grad():
+        # Values recorded under inference mode (pass 2) cannot be saved for a backward: copies.
+        replace = {node: _normal(value) for node, value in replace.items()}
+        for mode in modes:
+            if isinstance(mode, SoftmaxReplay):
+                mode.outputs = [_normal(value) for value in mode.outputs]
         x = signal.new_zeros((signal.shape[0],) + below.raw_shape).requires_grad_(True)
         if step.node is None:
             y = step.module(x)
@@ -541,13 +546,18 @@ def vjp(ctx: Context, step, signal: torch.Tensor, replace: Optional[Dict[fx.Node
                     return replace[n]
                 if ctx.graph.values.get(n) == "tensor" and ctx.graph.step_of[n] == source:
                     return x
-                return ctx.rec.tape.env[n]
+                return _normal(ctx.rec.tape.env[n])
 
             with _entered(modes):
                 y = evaluate(step.node, lookup, ctx.graph.model)
             del lookup
         (grad,) = torch.autograd.grad(y, x, signal.clone())
     return grad
+
+
+def _normal(value: Any) -> Any:
+    """A normal-tensor copy of an inference tensor (anything else as it is)."""
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 class _entered:
@@ -607,11 +617,17 @@ def _broadcast_on(ctx: Context, view: View, other: torch.Tensor, signal: Signal)
     if other.dim() < ndim:
         other = other.reshape((1,) * (ndim - other.dim()) + tuple(other.shape))
     batch = signal.value.shape[0]
+    other = other.detach()
     if other.shape[0] == ctx.rec.num_images and other.shape[0] > 1:
         rows = ctx.rows
     else:
         other, rows = other[:1], torch.zeros(batch, dtype=torch.int64, device=other.device)
-    full = view.present(other.detach().expand((other.shape[0],) + view.raw_shape))
+    presented = view.present(other)
+    if presented.shape[-2:] == (1, 1):  # one factor per channel (a layer scale, a gate): no need to spread it
+        if signal.channels is not None and presented.shape[1] != 1:
+            return presented[rows, signal.channels].view(batch, 1, 1, 1)
+        return presented[rows] if rows is ctx.rows else presented
+    full = view.present(other.expand((other.shape[0],) + view.raw_shape))
     return crop(full, rows, signal.box, signal.channels)
 
 
