@@ -651,14 +651,15 @@ class Graph:
     # -- what can be projected ---------------------------------------------------------------
 
     def _projectable(self, name: str) -> bool:
-        """A pointwise activation's output, a block output (the last node of a composite module,
-        other than a pooling, an identity or an ``affine`` reduction), or a concatenation of
+        """A pointwise activation's output, a gate's (squeeze-excitation) output, a block output
+        (the last node of a composite module, other than a pooling, an identity or an
+        ``affine`` reduction), or a concatenation of
         projectable maps (through max pooling and rearrangements): a block whose every path
         ends in a rectifier. Steps outside the signal's reach (a gate's branch) are not."""
         step = self.steps[name]
         if name not in self.reached or step.kind in ("frozen", "input"):
             return False
-        if step.kind in ACTIVATIONS:
+        if step.kind in ACTIVATIONS or step.kind == "gate":  # a squeeze-excitation module's gated output too
             return True
         if step.kind == "cat":
             return all(self._ends_in_rectifier(i) for i in step.inputs)
