@@ -125,11 +125,6 @@ std::string message(const Args&... args) {
   do {                                                                             \
     if (!(cond)) ::zfkernels::throw_type_error(::zfkernels::message(__VA_ARGS__)); \
   } while (0)
-// Raised in Python as RuntimeError.
-#define ZF_CHECK(cond, ...) \
-  do {                                                                      \
-    if (!(cond)) throw std::runtime_error(::zfkernels::message(__VA_ARGS__)); \
-  } while (0)
 
 namespace zfkernels {
 
@@ -148,40 +143,6 @@ inline bool is_channels_last_contiguous(const Tensor& t) {
     }
   }
   return true;
-}
-
-inline bool is_contiguous_as(const Tensor& t, MemoryFormat format) {
-  return format == MemoryFormat::ChannelsLast ? is_channels_last_contiguous(t) : t.is_contiguous();
-}
-
-// Strides of a fresh tensor of `sizes` in `format`, as at::empty gives them.
-inline std::vector<int64_t> fresh_strides(IntArrayRef sizes, MemoryFormat format) {
-  std::vector<int64_t> strides(sizes.size());
-  if (format == MemoryFormat::ChannelsLast && sizes.size() == 4) {
-    strides[1] = 1;
-    strides[3] = sizes[1];
-    strides[2] = strides[3] * sizes[3];
-    strides[0] = strides[2] * sizes[2];
-    return strides;
-  }
-  int64_t expected = 1;
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
-    strides[d] = expected;
-    expected *= sizes[d] > 1 ? sizes[d] : 1;
-  }
-  return strides;
-}
-
-inline size_t element_size(ScalarType dtype) {
-  switch (dtype) {
-    case ScalarType::Byte: return 1;
-    case ScalarType::Half:
-    case ScalarType::BFloat16: return 2;
-    case ScalarType::Float: return 4;
-    case ScalarType::Double:
-    case ScalarType::Long: return 8;
-    default: throw std::runtime_error(message("zfkernels: no element size for ", dtype));
-  }
 }
 
 // An ATen operator through the dispatcher (torch_call_dispatcher): arguments in schema order,

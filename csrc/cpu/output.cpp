@@ -28,7 +28,7 @@ Tensor empty_output(IntArrayRef sizes, ScalarType dtype, const Device& device, M
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (device.is_cpu()) {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t end = begin + static_cast<uintptr_t>(out.numel()) * element_size(dtype);
+    const uintptr_t end = begin + static_cast<uintptr_t>(out.numel()) * out.element_size();
     const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1), last = end & ~(kHugePage - 1);
     // advice only: without THP the pages are ordinary ones
     if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
