@@ -74,9 +74,15 @@ def placeholder() -> Extension:
     return Extension("zfkernels._C", ["csrc/zfkernels.cpp"])
 
 
-@pytest.mark.parametrize("switch, archs", [("ZFK_CUDA_ARCH_LIST", "7.5"), ("TORCH_CUDA_ARCH_LIST", "8.6;9.0")])
-def test_the_build_command_decides_cuda_from_the_toolkit_and_the_switches(switch, archs, setup_module, tmp_path,
-                                                                          monkeypatch, capsys):
+@pytest.mark.parametrize("switch, archs, gencodes", [
+    ("ZFK_CUDA_ARCH_LIST", "7.5", ["arch=compute_75,code=sm_75"]),
+    ("TORCH_CUDA_ARCH_LIST", "8.6;9.0", ["arch=compute_86,code=sm_86", "arch=compute_90,code=sm_90"]),
+    ("ZFK_CUDA_ARCH_LIST", "compute_75", ["arch=compute_75,code=compute_75"]),
+    ("ZFK_CUDA_ARCH_LIST", "8.0;9.0+PTX", ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90",
+                                          "arch=compute_90,code=compute_90"]),
+])
+def test_the_build_command_decides_cuda_from_the_toolkit_and_the_switches(switch, archs, gencodes, setup_module,
+                                                                          tmp_path, monkeypatch, capsys):
     ran = tmp_path / "nvcc-ran.txt"
     toolkit = fake_toolkit(tmp_path / "cuda", ran)
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
@@ -86,7 +92,9 @@ def test_the_build_command_decides_cuda_from_the_toolkit_and_the_switches(switch
     info = setup_module.configure(extension)
     assert ran.read_text().split() == ["--version"]  # probed now, when the build runs
     assert info["cuda"] is True and info["cuda_version"] == "12.4" and info["cuda_archs"] == archs.split(";")
-    assert os.environ["TORCH_CUDA_ARCH_LIST"] == archs and cpp_extension.CUDA_HOME == str(toolkit)
+    assert cpp_extension.CUDA_HOME == str(toolkit)
+    nvcc = extension.extra_compile_args["nvcc"]
+    assert [f.split("=", 1)[1] for f in nvcc if f.startswith("-gencode=")] == gencodes
     assert sorted(Path(s).name for s in extension.sources if s.endswith(".cu")) == sorted(
         p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     assert "-Xptxas=-v" in extension.extra_compile_args["nvcc"]
@@ -103,5 +111,46 @@ def test_zfk_cpu_only_builds_the_cpu_kernels_without_asking_nvcc(setup_module, t
     assert info["cuda"] is False and info["cuda_archs"] == []
     assert not any(s.endswith(".cu") for s in extension.sources)
     assert sorted(Path(s).name for s in extension.sources) == sorted(
-        ["zfkernels.cpp"] + [p.name for p in (ROOT / "csrc" / "cpu").glob("*.cpp")])
+        [p.name for p in (ROOT / "csrc").glob("*.cpp")] + [p.name for p in (ROOT / "csrc" / "cpu").glob("*.cpp")])
     assert "CUDA kernels: no (ZFK_CPU_ONLY=1)" in capsys.readouterr().out
+
+
+def test_without_a_visible_gpu_the_default_is_one_ptx_target(setup_module, tmp_path, monkeypatch):
+    """No architecture list and no GPU: one PTX target (compute_75), which the driver of any later
+    GPU compiles on first use, instead of machine code for five architectures."""
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda", tmp_path / "ran.txt")))
+    monkeypatch.setattr(setup_module.torch.cuda, "is_available", lambda: False)
+    extension = placeholder()
+    info = setup_module.configure(extension)
+    assert info["cuda_archs"] == ["compute_75"]
+    assert [f for f in extension.extra_compile_args["nvcc"] if f.startswith("-gencode=")] == [
+        "-gencode=arch=compute_75,code=compute_75"]
+
+
+def test_with_a_visible_gpu_the_default_is_its_architecture(setup_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda", tmp_path / "ran.txt")))
+    monkeypatch.setattr(setup_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(setup_module.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(setup_module.torch.cuda, "get_device_capability", lambda i: (9, 0) if i == 0 else (8, 6))
+    info = setup_module.configure(placeholder())
+    assert info["cuda_archs"] == ["8.6", "9.0"]
+
+
+def test_the_library_is_built_on_the_stable_abi_only(setup_module, tmp_path, monkeypatch):
+    """Any torch header outside the stable ABI is a compile error (TORCH_STABLE_ONLY), the target
+    is torch 2.14 (TORCH_TARGET_VERSION), and libtorch_python is not linked."""
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda", tmp_path / "ran.txt")))
+    monkeypatch.setenv("ZFK_CUDA_ARCH_LIST", "7.5")
+    extension = placeholder()
+    info = setup_module.configure(extension)
+    for flags in (extension.extra_compile_args["cxx"], extension.extra_compile_args["nvcc"]):
+        assert "-DTORCH_STABLE_ONLY" in flags and "-DTORCH_TARGET_VERSION=0x020e000000000000" in flags
+    assert "torch_python" not in extension.libraries
+    assert info["stable_abi"] == "2.14"
+
+
+def test_an_unreadable_architecture_is_refused(setup_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda", tmp_path / "ran.txt")))
+    monkeypatch.setenv("ZFK_CUDA_ARCH_LIST", "sm_90")
+    with pytest.raises(SystemExit, match="sm_90"):
+        setup_module.configure(placeholder())

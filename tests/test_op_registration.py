@@ -157,14 +157,40 @@ def test_reference_and_ops_share_signatures():
         assert list(ours.parameters) == list(ref.parameters), name
 
 
+def release(version: str) -> tuple:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
 def test_build_info_reports_what_was_compiled():
     info = zfkernels.build_info()
     assert info["cpu"] is True and isinstance(info["cuda"], bool)
-    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    # One build serves every torch from its stable-ABI target on (the CI runs it under two).
+    assert info["torch_runtime"] == torch.__version__
+    assert release(info["stable_abi"]) <= release(info["torch"])
+    assert release(info["stable_abi"]) <= release(torch.__version__)
     if info["cuda"]:
         assert info["cuda_version"] and info["cuda_archs"]
     assert zfkernels.has_cuda() == (info["cuda"] and torch.cuda.is_available())
     assert hasattr(torch.ops.zfkernels, "unpool")
+
+
+def test_the_library_uses_only_the_stable_abi():
+    """Every torch symbol the library imports is a C function of the stable ABI's shims
+    (aoti_torch_*, torch_*): no C++ symbol of libtorch, c10 or libtorch_python, whose ABI changes
+    from one torch release to the next."""
+    import shutil
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    library = zfkernels._C.__file__
+    undefined = subprocess.run([nm, "-D", "-C", "--undefined-only", library], capture_output=True, text=True,
+                               check=True).stdout
+    names = [line.split(None, 1)[-1].split("@")[0] for line in undefined.splitlines() if line.strip()]
+    cxx_torch = [n for n in names if any(k in n for k in ("c10::", "at::", "torch::", "caffe2::", "pybind11::"))]
+    assert not cxx_torch, cxx_torch
+    c_torch = [n for n in names if "torch" in n]
+    assert c_torch and all(n.startswith(("aoti_torch_", "torch_")) for n in c_torch), c_torch
 
 
 def test_a_refusal_thrown_in_cpp_reaches_python_as_an_exception(device):

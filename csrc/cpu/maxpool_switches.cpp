@@ -1,9 +1,5 @@
 // CPU backend of maxpool_switches: the shared window body, plus two loop orders the compiler
 // can vectorise (contiguous NCHW rows with a fixed small window, and channels-last).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -22,7 +18,7 @@ template <typename scalar_t, int KH, int KW, int SW>
 ZF_CPU_CLONES void pool_row_interior(const scalar_t* __restrict__ top, int64_t row_step, int64_t col_step, int64_t p_w,
                                      int64_t ow_begin, int64_t ow_end, scalar_t* __restrict__ out,
                                      uint8_t* __restrict__ switches) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
     const scalar_t* window = top + ow * SW - p_w;
     acc_t best = static_cast<acc_t>(-INFINITY);
@@ -57,7 +53,7 @@ RowFn<scalar_t> interior_row_for(const PoolGeometry& g) {
 
 template <typename scalar_t>
 void pool_nchw(const MaxpoolPlan& plan) {
-  const at::Tensor& x = plan.x;
+  const Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const int64_t planes = x.size(0) * x.size(1);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -69,7 +65,7 @@ void pool_nchw(const MaxpoolPlan& plan) {
   const int64_t span_h = (g.k_h - 1) * g.d_h + 1, span_w = (g.k_w - 1) * g.d_w + 1;
   const int64_t ow_lo = imin(ceil_div(g.p_w, g.s_w), g.out_w);
   const int64_t ow_hi = imax(imin(floor_div(g.in_w - span_w + g.p_w, g.s_w) + 1, g.out_w), ow_lo);
-  at::parallel_for(0, planes, grain_for(g.out_h * g.out_w * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
+  parallel_for(0, planes, grain_for(g.out_h * g.out_w * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* plane = in + p * g.in_h * g.in_w;
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
@@ -80,11 +76,11 @@ void pool_nchw(const MaxpoolPlan& plan) {
         const int64_t fast_lo = (row_fn && rows_inside) ? ow_lo : g.out_w;
         const int64_t fast_hi = (row_fn && rows_inside) ? ow_hi : g.out_w;
         for (int64_t ow = 0; ow < fast_lo; ++ow)
-          maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
+          maxpool_window<scalar_t, opmath_t<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
         if (fast_hi > fast_lo)
           row_fn(plane + h0 * g.in_w, g.d_h * g.in_w, g.d_w, g.p_w, fast_lo, fast_hi, out_row, sw_row);
         for (int64_t ow = fast_hi; ow < g.out_w; ++ow)
-          maxpool_window<scalar_t, at::opmath_type<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
+          maxpool_window<scalar_t, opmath_t<scalar_t>>(plane, g.in_w, 1, g, oh, ow, out_row + ow, sw_row + ow);
       }
     }
   });
@@ -94,7 +90,7 @@ void pool_nchw(const MaxpoolPlan& plan) {
 // over channels in the innermost (vectorised) loop.
 template <typename scalar_t, typename acc_t>
 ZF_CPU_CLONES_WIDE void pool_update_channels(const scalar_t* __restrict__ px, acc_t* __restrict__ best,
-                                        int32_t* __restrict__ arg, int32_t offset, int64_t C) {
+                                             int32_t* __restrict__ arg, int32_t offset, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(px[c]);
     const bool takes = pool_takes(v, best[c]);
@@ -105,14 +101,14 @@ ZF_CPU_CLONES_WIDE void pool_update_channels(const scalar_t* __restrict__ px, ac
 
 template <typename scalar_t>
 void pool_channels_last(const MaxpoolPlan& plan) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor& x = plan.x;
+  using acc_t = opmath_t<scalar_t>;
+  const Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const int64_t C = x.size(1);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
   uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, x.size(0) * g.out_h, grain_for(g.out_w * C * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
+  parallel_for(0, x.size(0) * g.out_h, grain_for(g.out_w * C * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> best(C);
     std::vector<int32_t> arg(C);
     for (int64_t row = begin; row < end; ++row) {
@@ -153,17 +149,17 @@ void pool_channels_last(const MaxpoolPlan& plan) {
 // Any other strides: one output element at a time through the shared body (the CUDA path).
 template <typename scalar_t>
 void pool_strided(const MaxpoolPlan& plan) {
-  const at::Tensor& x = plan.x;
+  const Tensor& x = plan.x;
   const PoolGeometry g = plan.geometry;
   const Strides4 xs = strides_of(x), os = strides_of(plan.out), ss = strides_of(plan.switches);
   const int64_t C = x.size(1);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
   uint8_t* sw = plan.switches.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Coord4 o = coord_of(i, C, g.out_h, g.out_w, plan.channels_last);
-      maxpool_window<scalar_t, at::opmath_type<scalar_t>>(
+      maxpool_window<scalar_t, opmath_t<scalar_t>>(
           in + o.n * xs.n + o.c * xs.c, xs.h, xs.w, g, o.h, o.w,
           out + o.n * os.n + o.c * os.c + o.h * os.h + o.w * os.w,
           sw + o.n * ss.n + o.c * ss.c + o.h * ss.h + o.w * ss.w);
@@ -171,15 +167,15 @@ void pool_strided(const MaxpoolPlan& plan) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> maxpool_switches_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                        at::IntArrayRef stride, at::IntArrayRef padding,
-                                                        bool ceil_mode, at::IntArrayRef dilation) {
+std::tuple<Tensor, Tensor> maxpool_switches_cpu(const Tensor& x, IntArrayRef kernel_size,
+                                                IntArrayRef stride, IntArrayRef padding,
+                                                bool ceil_mode, IntArrayRef dilation) {
   const MaxpoolPlan plan = plan_maxpool_switches(x, kernel_size, stride, padding, dilation, ceil_mode);
   if (plan.out.numel() == 0) return plan.result();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "maxpool_switches_cpu", [&] {
+  ZF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "maxpool_switches_cpu", [&] {
     if (!plan.channels_last && plan.x.is_contiguous()) {
       pool_nchw<scalar_t>(plan);
-    } else if (plan.channels_last && plan.x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    } else if (plan.channels_last && is_channels_last_contiguous(plan.x)) {
       pool_channels_last<scalar_t>(plan);
     } else {
       pool_strided<scalar_t>(plan);
@@ -190,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> maxpool_switches_cpu(const at::Tensor& x, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
-  m.impl("maxpool_switches", &maxpool_switches_cpu);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("maxpool_switches", TORCH_BOX(&maxpool_switches_cpu));
 }
 
 }  // namespace zfkernels

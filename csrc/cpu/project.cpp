@@ -2,10 +2,6 @@
 // bank. Two loop orders vectorise (over output channels, or over output columns); both add the
 // same taps in the same (ky, kx) order as the shared body project_pixel, which handles every
 // other layout, as on CUDA.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -18,13 +14,13 @@ namespace {
 // Rows whose filter has groups > 1: the channels outside the filter's group are zero (the
 // loops below fill only the group's planes). Planes are contiguous in NCHW.
 template <typename scalar_t>
-void zero_other_groups(const ProjectPlan& plan, const at::Tensor& channels, at::Tensor& out) {
+void zero_other_groups(const ProjectPlan& plan, const Tensor& channels, Tensor& out) {
   if (plan.groups_count == 1) return;
   const int64_t C = out.size(1), plane = plan.geometry.out_h * plan.geometry.out_w, cg = plan.groups.channels;
   const int64_t* ch = channels.const_data_ptr<int64_t>();
   const int64_t ch_stride = channels.stride(0);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.size(0), grain_for(C * plane), [&](int64_t begin, int64_t end) {
+  parallel_for(0, out.size(0), grain_for(C * plane), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = plan.groups.first_channel(ch[b * ch_stride]);
       scalar_t* ob = od + b * C * plane;
@@ -93,18 +89,39 @@ ZF_CPU_CLONES_WIDE void store_block(scalar_t* __restrict__ out, const acc_t* __r
 }
 
 template <typename scalar_t>
-void project_rows_by_channel(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
-                             at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+void project_rows_by_channel(const ProjectPlan& plan, const Tensor& weight, const Tensor& channels,
+                             Tensor& out) {
+  using acc_t = opmath_t<scalar_t>;
   const ProjectGeometry& g = plan.geometry;
-  const at::Tensor& x = plan.x;
+  const Tensor& x = plan.x;
   const int64_t C = out.size(1), cg = plan.groups.channels, pixels = g.out_h * g.out_w;
   const int64_t blocks = (cg + kBlock - 1) / kBlock, cg_padded = blocks * kBlock;
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto w_t = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).to(acc_type), {0, cg_padded - cg}).contiguous();
-  const acc_t* wt = w_t.template const_data_ptr<acc_t>();
-  const auto x_acc = x.to(acc_type).contiguous();  // the maps, (B, 1, h, w), in the accumulation type
-  const acc_t* xd = x_acc.template const_data_ptr<acc_t>();
+  // The weights as (C_out, kH, kW, C_in / groups padded to cg_padded), in the accumulation type.
+  const int64_t taps = g.k_h * g.k_w;
+  std::vector<acc_t> w_t(weight.size(0) * taps * cg_padded, acc_t(0));
+  {
+    const scalar_t* wd = weight.const_data_ptr<scalar_t>();
+    const Strides4 ws = strides_of(weight);
+    parallel_for(0, weight.size(0), grain_for(taps * cg), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t j = 0; j < cg; ++j)
+            w_t[(o * taps + t) * cg_padded + j] =
+                static_cast<acc_t>(wd[o * ws.n + j * ws.c + (t / g.k_w) * ws.h + (t % g.k_w) * ws.w]);
+    });
+  }
+  const acc_t* wt = w_t.data();
+  // The maps, (B, 1, h, w), contiguous in the accumulation type.
+  std::vector<acc_t> x_acc(x.size(0) * g.in_h * g.in_w);
+  {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const Strides4 xs = strides_of(x);
+    for (int64_t b = 0; b < x.size(0); ++b)
+      for (int64_t iy = 0; iy < g.in_h; ++iy)
+        for (int64_t ix = 0; ix < g.in_w; ++ix)
+          x_acc[(b * g.in_h + iy) * g.in_w + ix] = static_cast<acc_t>(xp[b * xs.n + iy * xs.h + ix * xs.w]);
+  }
+  const acc_t* xd = x_acc.data();
   const int64_t* ch = channels.const_data_ptr<int64_t>();
   const int64_t ch_stride = channels.stride(0);
   const AxisTaps ys = axis_taps(g.out_h, g.p_h, g.k_h, g.s_h, g.d_h, g.t_h, g.in_h);
@@ -112,7 +129,7 @@ void project_rows_by_channel(const ProjectPlan& plan, const at::Tensor& weight, 
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   zero_other_groups<scalar_t>(plan, channels, out);
   // Work items are (row, block of channels).
-  at::parallel_for(0, x.size(0) * blocks, grain_for(pixels * kBlock * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
+  parallel_for(0, x.size(0) * blocks, grain_for(pixels * kBlock * g.k_h * g.k_w), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(pixels * kBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, block = item % blocks;
@@ -135,11 +152,11 @@ ZF_CPU_CLONES void axpy_row(acc_t* __restrict__ acc, const acc_t* __restrict__ s
 // contiguous row segment (vectorised). Taps that land on inserted zeros add exact zeros, so the
 // sum equals project_pixel's when the weights are finite.
 template <typename scalar_t>
-void project_rows_padded(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
-                         at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+void project_rows_padded(const ProjectPlan& plan, const Tensor& weight, const Tensor& channels,
+                         Tensor& out) {
+  using acc_t = opmath_t<scalar_t>;
   const ProjectGeometry& g = plan.geometry;
-  const at::Tensor& x = plan.x;
+  const Tensor& x = plan.x;
   const int64_t B = x.size(0), C = out.size(1), cg = plan.groups.channels, kh = g.k_h, kw = g.k_w;
   const int64_t span_h = (kh - 1) * g.d_h + 1, span_w = (kw - 1) * g.d_w + 1;
   const int64_t top = span_h - 1 - g.p_h, left = span_w - 1 - g.p_w;
@@ -153,7 +170,7 @@ void project_rows_padded(const ProjectPlan& plan, const at::Tensor& weight, cons
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   const int64_t plane = g.out_h * g.out_w;
   zero_other_groups<scalar_t>(plan, channels, out);
-  at::parallel_for(0, B * cg, grain_for(plane * kh * kw), [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * cg, grain_for(plane * kh * kw), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xp(xp_h * xp_w), wl(kh * kw), acc(g.out_w);
     int64_t padded_row = -1;
     for (int64_t item = begin; item < end; ++item) {
@@ -188,11 +205,11 @@ void project_rows_padded(const ProjectPlan& plan, const at::Tensor& weight, cons
 
 // Any layout: one output element at a time through the shared body, as on CUDA.
 template <typename scalar_t>
-void project_rows_strided(const ProjectPlan& plan, const at::Tensor& weight, const at::Tensor& channels,
-                          at::Tensor& out, bool channels_last) {
-  using acc_t = at::opmath_type<scalar_t>;
+void project_rows_strided(const ProjectPlan& plan, const Tensor& weight, const Tensor& channels,
+                          Tensor& out, bool channels_last) {
+  using acc_t = opmath_t<scalar_t>;
   const ProjectGeometry& g = plan.geometry;
-  const at::Tensor& x = plan.x;
+  const Tensor& x = plan.x;
   const int64_t C = out.size(1);
   const auto xs = strides_of(x), ws = strides_of(weight), os = strides_of(out);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
@@ -200,7 +217,7 @@ void project_rows_strided(const ProjectPlan& plan, const at::Tensor& weight, con
   const int64_t* ch = channels.const_data_ptr<int64_t>();
   const int64_t ch_stride = channels.stride(0);
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
       const int64_t filter = ch[o.n * ch_stride];
@@ -211,26 +228,43 @@ void project_rows_strided(const ProjectPlan& plan, const at::Tensor& weight, con
   });
 }
 
-at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef output_padding,
-                       const std::optional<at::Tensor>& channels, int64_t groups, at::IntArrayRef dilation) {
+// Whether every weight is finite (the padded loop order adds exact zeros times the weights).
+bool all_finite(const Tensor& weight) {
+  bool finite = true;
+  ZF_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "project_cpu", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const Strides4 ws = strides_of(weight);
+    for (int64_t o = 0; o < weight.size(0) && finite; ++o)
+      for (int64_t j = 0; j < weight.size(1); ++j)
+        for (int64_t ky = 0; ky < weight.size(2); ++ky)
+          for (int64_t kx = 0; kx < weight.size(3); ++kx)
+            finite = finite && std::isfinite(static_cast<double>(static_cast<opmath_t<scalar_t>>(
+                                   w[o * ws.n + j * ws.c + ky * ws.h + kx * ws.w])));
+  });
+  return finite;
+}
+
+Tensor project_cpu(const Tensor& x, const Tensor& weight, IntArrayRef stride,
+                   IntArrayRef padding, IntArrayRef output_padding,
+                   const std::optional<Tensor>& channels, int64_t groups, IntArrayRef dilation) {
   const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels, groups, dilation);
   if (!channels.has_value()) return project_dense(plan, weight, stride, padding, output_padding, dilation);
   const ProjectGeometry& g = plan.geometry;
   const auto format = project_output_format(plan.x);
-  auto out = empty_output({plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  auto out = empty_output(std::array<int64_t, 4>{plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.scalar_type(),
+                          x.device(), format);
   if (out.numel() == 0) return plan.result(out);
-  const bool nchw = format == at::MemoryFormat::Contiguous;
+  const bool nchw = format == MemoryFormat::Contiguous;
   const bool by_channel = nchw && plan.groups.channels >= 16;
   const bool padded = nchw && !by_channel && g.p_h <= (g.k_h - 1) * g.d_h && g.p_w <= (g.k_w - 1) * g.d_w &&
-                      at::isfinite(weight).all().item<bool>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_cpu", [&] {
+                      all_finite(weight);
+  ZF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "project_cpu", [&] {
     if (by_channel) {
       project_rows_by_channel<scalar_t>(plan, weight, *channels, out);
     } else if (padded) {
       project_rows_padded<scalar_t>(plan, weight, *channels, out);
     } else {
-      project_rows_strided<scalar_t>(plan, weight, *channels, out, format == at::MemoryFormat::ChannelsLast);
+      project_rows_strided<scalar_t>(plan, weight, *channels, out, format == MemoryFormat::ChannelsLast);
     }
   });
   return plan.result(out);
@@ -238,8 +272,8 @@ at::Tensor project_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
-  m.impl("project", &project_cpu);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("project", TORCH_BOX(&project_cpu));
 }
 
 }  // namespace zfkernels

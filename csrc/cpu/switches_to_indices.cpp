@@ -1,6 +1,4 @@
 // CPU backend of switches_to_indices, and the switch validation pass that unpool runs first.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../kernels/switches.h"
 #include "../switches_host.h"
@@ -33,7 +31,7 @@ int64_t count_invalid_in(const uint8_t* row, int64_t sw_stride, int64_t oh, int6
 
 }  // namespace
 
-int64_t count_invalid_switches_cpu(const at::Tensor& switches, const PoolGeometry& g) {
+int64_t count_invalid_switches_cpu(const Tensor& switches, const PoolGeometry& g) {
   const Strides4 ss = strides_of(switches);
   const int64_t C = switches.size(1), planes = switches.size(0) * C;
   const uint8_t* sw = switches.const_data_ptr<uint8_t>();
@@ -41,53 +39,50 @@ int64_t count_invalid_switches_cpu(const at::Tensor& switches, const PoolGeometr
   // Dense switches (NCHW or channels-last): one byte compare over the whole tensor counts every
   // switch of k_h * k_w or more, wherever it is; then only the windows that cross a border (a few
   // rows and columns) need switch_target's test. Other layouts take that test everywhere.
-  const bool dense = switches.is_contiguous() || switches.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool dense = switches.is_contiguous() || is_channels_last_contiguous(switches);
   int64_t oh_lo = 0, oh_hi = 0, ow_lo = 0, ow_hi = 0;
   if (dense) {
     windows_inside(g.in_h, g.out_h, g.k_h, g.s_h, g.p_h, g.d_h, &oh_lo, &oh_hi);
     windows_inside(g.in_w, g.out_w, g.k_w, g.s_w, g.p_w, g.d_w, &ow_lo, &ow_hi);
   }
   const int32_t counted = dense ? taps : 256;
-  int64_t invalid = !dense ? 0 : at::parallel_reduce(
-      0, switches.numel(), at::internal::GRAIN_SIZE, int64_t(0),
-      [&](int64_t begin, int64_t end, int64_t sum) { return sum + count_above(sw + begin, end - begin, taps); },
-      std::plus<int64_t>());
+  int64_t invalid = !dense ? 0 : parallel_sum(0, switches.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    return count_above(sw + begin, end - begin, taps);
+  });
   const int64_t border = g.out_h * g.out_w - (oh_hi - oh_lo) * (ow_hi - ow_lo);
   if (border == 0) return invalid;
-  return invalid + at::parallel_reduce(
-      0, planes, grain_for(border), int64_t(0),
-      [&](int64_t begin, int64_t end, int64_t sum) {
-        for (int64_t p = begin; p < end; ++p) {
-          const uint8_t* plane = sw + (p / C) * ss.n + (p % C) * ss.c;
-          for (int64_t oh = 0; oh < g.out_h; ++oh) {
-            const uint8_t* row = plane + oh * ss.h;
-            if (oh >= oh_lo && oh < oh_hi) {
-              sum += count_invalid_in(row, ss.w, oh, 0, ow_lo, counted, g) +
-                     count_invalid_in(row, ss.w, oh, ow_hi, g.out_w, counted, g);
-            } else {
-              sum += count_invalid_in(row, ss.w, oh, 0, g.out_w, counted, g);
-            }
-          }
+  return invalid + parallel_sum(0, planes, grain_for(border), [&](int64_t begin, int64_t end) {
+    int64_t sum = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* plane = sw + (p / C) * ss.n + (p % C) * ss.c;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const uint8_t* row = plane + oh * ss.h;
+        if (oh >= oh_lo && oh < oh_hi) {
+          sum += count_invalid_in(row, ss.w, oh, 0, ow_lo, counted, g) +
+                 count_invalid_in(row, ss.w, oh, ow_hi, g.out_w, counted, g);
+        } else {
+          sum += count_invalid_in(row, ss.w, oh, 0, g.out_w, counted, g);
         }
-        return sum;
-      },
-      std::plus<int64_t>());
+      }
+    }
+    return sum;
+  });
 }
 
 namespace {
 
-at::Tensor switches_to_indices_cpu(const at::Tensor& input, at::IntArrayRef input_size, at::IntArrayRef kernel,
-                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+Tensor switches_to_indices_cpu(const Tensor& input, IntArrayRef input_size, IntArrayRef kernel,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
   const SwitchesPlan plan = plan_switches_to_indices(input, input_size, kernel, stride, padding, dilation);
   const PoolGeometry g = plan.geometry;
-  const at::Tensor& switches = plan.switches;
+  const Tensor& switches = plan.switches;
   if (plan.out.numel() == 0) return plan.result();
   check_switch_values("switches_to_indices", count_invalid_switches_cpu(switches, g), g);
   const Strides4 ss = strides_of(switches), os = strides_of(plan.out);
   const int64_t C = switches.size(1);
   const uint8_t* sw = switches.const_data_ptr<uint8_t>();
   int64_t* idx = plan.out.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Coord4 o = coord_of(i, C, g.out_h, g.out_w, plan.channels_last);
       int64_t ih, iw;
@@ -100,8 +95,8 @@ at::Tensor switches_to_indices_cpu(const at::Tensor& input, at::IntArrayRef inpu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
-  m.impl("switches_to_indices", &switches_to_indices_cpu);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("switches_to_indices", TORCH_BOX(&switches_to_indices_cpu));
 }
 
 }  // namespace zfkernels

@@ -2,10 +2,6 @@
 // same values in the same order as the shared gather body (so the result is bitwise the one
 // of unpool_pixel) while touching each pooled value once; channels-last runs the gather with
 // channels innermost; any other layout runs the shared body per pixel, as the CUDA kernel does.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <array>
 #include <vector>
@@ -24,7 +20,7 @@ struct RowMap {
   int64_t operator()(int64_t b) const { return rows ? rows[b * rows_stride] : b; }
 };
 
-RowMap row_map(const std::optional<at::Tensor>& rows) {
+RowMap row_map(const std::optional<Tensor>& rows) {
   return rows.has_value() ? RowMap{rows->const_data_ptr<int64_t>(), rows->stride(0)} : RowMap{nullptr, 0};
 }
 
@@ -41,8 +37,8 @@ ZF_CPU_CLONES void store_plane(scalar_t* __restrict__ out, const acc_t* __restri
 
 template <typename scalar_t>
 void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
-  const at::Tensor &y = plan.y, &switches = plan.switches;
-  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor &y = plan.y, &switches = plan.switches;
+  using acc_t = opmath_t<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const int64_t C = y.size(1), pooled = g.out_h * g.out_w, pixels = g.in_h * g.in_w;
   // Switch s of window (oh, ow) lands on pixel origin(oh, ow) + offset[s]: a table instead of a
@@ -52,7 +48,7 @@ void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, y.size(0) * C, grain_for(pooled + pixels), [&](int64_t begin, int64_t end) {
+  parallel_for(0, y.size(0) * C, grain_for(pooled + pixels), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(pixels);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / C, c = p % C;
@@ -73,20 +69,20 @@ void unpool_nchw(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
 // One window's contribution to a pixel's C channels: the gather's test, channels innermost.
 template <typename scalar_t, typename acc_t>
 ZF_CPU_CLONES_WIDE void gather_channels(acc_t* __restrict__ acc, const scalar_t* __restrict__ y,
-                                   const uint8_t* __restrict__ sw, uint8_t expected, int64_t C) {
+                                        const uint8_t* __restrict__ sw, uint8_t expected, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] += sw[c] == expected ? static_cast<acc_t>(y[c]) : acc_t(0);
 }
 
 template <typename scalar_t>
 void unpool_channels_last(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
-  const at::Tensor &y = plan.y, &switches = plan.switches;
-  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor &y = plan.y, &switches = plan.switches;
+  using acc_t = opmath_t<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const int64_t C = y.size(1);
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, y.size(0) * g.in_h, grain_for(g.in_w * C * 4), [&](int64_t begin, int64_t end) {
+  parallel_for(0, y.size(0) * g.in_h, grain_for(g.in_w * C * 4), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.in_h, ih = r % g.in_h;
@@ -116,15 +112,15 @@ void unpool_channels_last(const UnpoolPlan& plan, const RowMap& row_of, bool rec
 
 template <typename scalar_t>
 void unpool_strided(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) {
-  const at::Tensor &y = plan.y, &switches = plan.switches;
-  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor &y = plan.y, &switches = plan.switches;
+  using acc_t = opmath_t<scalar_t>;
   const PoolGeometry g = plan.geometry;
   const Strides4 ys = strides_of(y), ss = strides_of(switches), os = strides_of(plan.out);
   const int64_t C = y.size(1);
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const uint8_t* sp = switches.const_data_ptr<uint8_t>();
   scalar_t* out = plan.out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.out.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Coord4 o = coord_of(i, C, g.in_h, g.in_w, plan.channels_last);
       const acc_t v = unpool_pixel<scalar_t, acc_t>(yp + o.n * ys.n + o.c * ys.c, ys.h, ys.w,
@@ -135,21 +131,21 @@ void unpool_strided(const UnpoolPlan& plan, const RowMap& row_of, bool rectify) 
   });
 }
 
-at::Tensor unpool_cpu(const at::Tensor& y_in, const at::Tensor& switches_in, at::IntArrayRef input_size,
-                      at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                      const std::optional<at::Tensor>& rows, bool rectify, at::IntArrayRef dilation) {
+Tensor unpool_cpu(const Tensor& y_in, const Tensor& switches_in, IntArrayRef input_size,
+                  IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                  const std::optional<Tensor>& rows, bool rectify, IntArrayRef dilation) {
   const UnpoolPlan plan = plan_unpool(y_in, switches_in, input_size, kernel, stride, padding, dilation, rows);
   if (plan.out.numel() == 0) return plan.result();
-  const at::Tensor &y = plan.y, &switches = plan.switches;
+  const Tensor &y = plan.y, &switches = plan.switches;
   // Every switch is checked before any kernel reads one: a corrupt switch is an error, never an
   // out-of-bounds write or a silently dropped value.
   check_switch_values("unpool", count_invalid_switches_cpu(switches, plan.geometry), plan.geometry);
   const RowMap row_of = row_map(rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpool_cpu", [&] {
+  ZF_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unpool_cpu", [&] {
     if (!plan.channels_last && y.is_contiguous() && switches.is_contiguous()) {
       unpool_nchw<scalar_t>(plan, row_of, rectify);
-    } else if (plan.channels_last && y.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-               switches.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    } else if (plan.channels_last && is_channels_last_contiguous(y) &&
+               is_channels_last_contiguous(switches)) {
       unpool_channels_last<scalar_t>(plan, row_of, rectify);
     } else {
       unpool_strided<scalar_t>(plan, row_of, rectify);
@@ -160,8 +156,8 @@ at::Tensor unpool_cpu(const at::Tensor& y_in, const at::Tensor& switches_in, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
-  m.impl("unpool", &unpool_cpu);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CPU, m) {
+  m.impl("unpool", TORCH_BOX(&unpool_cpu));
 }
 
 }  // namespace zfkernels

@@ -1,9 +1,5 @@
 // CUDA backend of project: the dense case through cuDNN; with channels=, one thread per output
 // element over the shared body project_selected_pixel.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../project_host.h"
 #include "launch.cuh"
@@ -16,7 +12,7 @@ __global__ void project_rows_kernel(const scalar_t* __restrict__ x, Strides4 xs,
                                     Strides4 ws, const int64_t* __restrict__ channels, int64_t ch_stride,
                                     scalar_t* __restrict__ out, Strides4 os, ProjectGeometry g, ProjectGroups groups,
                                     int64_t C, int64_t total, bool channels_last) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   ZF_GRID_STRIDE_LOOP(i, total) {
     const Coord4 o = coord_of(i, C, g.out_h, g.out_w, channels_last);
     const int64_t filter = channels[o.n * ch_stride];
@@ -26,34 +22,35 @@ __global__ void project_rows_kernel(const scalar_t* __restrict__ x, Strides4 xs,
   }
 }
 
-at::Tensor project_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef output_padding,
-                        const std::optional<at::Tensor>& channels, int64_t groups, at::IntArrayRef dilation) {
+Tensor project_cuda(const Tensor& x, const Tensor& weight, IntArrayRef stride,
+                    IntArrayRef padding, IntArrayRef output_padding,
+                    const std::optional<Tensor>& channels, int64_t groups, IntArrayRef dilation) {
   // The plan first: it names the argument on the wrong device (x on the CPU and weight on the GPU
   // dispatch here), where a guard built from a CPU device throws a message that names neither.
   const ProjectPlan plan = plan_project(x, weight, stride, padding, output_padding, channels, groups, dilation);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x.device());
   if (!channels.has_value()) return project_dense(plan, weight, stride, padding, output_padding, dilation);
   const ProjectGeometry& g = plan.geometry;
   const auto format = project_output_format(plan.x);
-  auto out = at::empty({plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.options().memory_format(format));
+  auto out = empty_output(std::array<int64_t, 4>{plan.x.size(0), plan.out_channels, g.out_h, g.out_w}, x.scalar_type(),
+                          x.device(), format);
   const int64_t total = out.numel();
   if (total == 0) return plan.result(out);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "project_cuda", [&] {
+  const cudaStream_t stream = current_stream(x.device());
+  ZF_DISPATCH_FLOATING_TYPES(x.scalar_type(), "project_cuda", [&] {
     project_rows_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         plan.x.const_data_ptr<scalar_t>(), strides_of(plan.x), weight.const_data_ptr<scalar_t>(), strides_of(weight),
         channels->const_data_ptr<int64_t>(), channels->stride(0), out.mutable_data_ptr<scalar_t>(), strides_of(out),
-        g, plan.groups, plan.out_channels, total, format == at::MemoryFormat::ChannelsLast);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        g, plan.groups, plan.out_channels, total, format == MemoryFormat::ChannelsLast);
+    ZF_CUDA_LAUNCH_CHECK();
   });
   return plan.result(out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
-  m.impl("project", &project_cuda);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("project", TORCH_BOX(&project_cuda));
 }
 
 }  // namespace zfkernels

@@ -1,6 +1,4 @@
 // CUDA backend of switches_to_indices, and the switch validation pass that unpool runs first.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../kernels/switches.h"
 #include "../switches_host.h"
@@ -33,39 +31,41 @@ __global__ void switches_to_indices_kernel(const uint8_t* __restrict__ sw, Strid
   }
 }
 
-at::Tensor switches_to_indices_cuda(const at::Tensor& input, at::IntArrayRef input_size, at::IntArrayRef kernel,
-                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+Tensor switches_to_indices_cuda(const Tensor& input, IntArrayRef input_size, IntArrayRef kernel,
+                                IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
   const SwitchesPlan plan = plan_switches_to_indices(input, input_size, kernel, stride, padding, dilation);  // first
   const PoolGeometry g = plan.geometry;
-  const at::Tensor& switches = plan.switches;
-  const c10::cuda::CUDAGuard guard(switches.device());
+  const Tensor& switches = plan.switches;
+  const CudaDeviceGuard guard(switches.device());
   const int64_t total = plan.out.numel();
   if (total == 0) return plan.result();
   check_switch_values("switches_to_indices", count_invalid_switches_cuda(switches, g), g);
-  switches_to_indices_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  switches_to_indices_kernel<<<blocks_for(total), kThreads, 0, current_stream(switches.device())>>>(
       switches.const_data_ptr<uint8_t>(), strides_of(switches), plan.out.mutable_data_ptr<int64_t>(),
       strides_of(plan.out), g, switches.size(1), total, plan.channels_last);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ZF_CUDA_LAUNCH_CHECK();
   return plan.result();
 }
 
 }  // namespace
 
 // Reads one number back to the host (a synchronisation): the price of refusing corrupt switches.
-int64_t count_invalid_switches_cuda(const at::Tensor& switches, const PoolGeometry& g) {
-  const c10::cuda::CUDAGuard guard(switches.device());
+int64_t count_invalid_switches_cuda(const Tensor& switches, const PoolGeometry& g) {
+  const CudaDeviceGuard guard(switches.device());
   const int64_t total = switches.numel();
   if (total == 0) return 0;
-  auto invalid = at::zeros({1}, switches.options().dtype(at::kLong));
-  count_invalid_switches_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const Tensor invalid = torch::stable::new_zeros(switches, std::array<int64_t, 1>{1}, ScalarType::Long);
+  count_invalid_switches_kernel<<<blocks_for(total), kThreads, 0, current_stream(switches.device())>>>(
       switches.const_data_ptr<uint8_t>(), strides_of(switches), g, switches.size(1), total,
       reinterpret_cast<unsigned long long*>(invalid.mutable_data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return invalid.item<int64_t>();
+  ZF_CUDA_LAUNCH_CHECK();
+  int64_t count = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_item_int64(invalid.get(), &count));
+  return count;
 }
 
-TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
-  m.impl("switches_to_indices", &switches_to_indices_cuda);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("switches_to_indices", TORCH_BOX(&switches_to_indices_cuda));
 }
 
 }  // namespace zfkernels

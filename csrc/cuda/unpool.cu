@@ -1,9 +1,5 @@
 // CUDA backend of unpool: one thread per output pixel, the shared gather body (no atomics, a
 // fixed summation order: bitwise-deterministic).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../kernels/unpool.h"
 #include "../switches_host.h"
@@ -17,7 +13,7 @@ __global__ void unpool_kernel(const scalar_t* __restrict__ y, Strides4 ys, const
                               Strides4 ss, const int64_t* __restrict__ rows, int64_t rows_stride,
                               scalar_t* __restrict__ out, Strides4 os, PoolGeometry g, int64_t C, int64_t total,
                               bool channels_last, bool rectify) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   ZF_GRID_STRIDE_LOOP(i, total) {
     const Coord4 o = coord_of(i, C, g.in_h, g.in_w, channels_last);
     const int64_t n = rows ? rows[o.n * rows_stride] : o.n;
@@ -27,33 +23,33 @@ __global__ void unpool_kernel(const scalar_t* __restrict__ y, Strides4 ys, const
   }
 }
 
-at::Tensor unpool_cuda(const at::Tensor& y_in, const at::Tensor& switches_in, at::IntArrayRef input_size,
-                       at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                       const std::optional<at::Tensor>& rows, bool rectify, at::IntArrayRef dilation) {
+Tensor unpool_cuda(const Tensor& y_in, const Tensor& switches_in, IntArrayRef input_size,
+                   IntArrayRef kernel, IntArrayRef stride, IntArrayRef padding,
+                   const std::optional<Tensor>& rows, bool rectify, IntArrayRef dilation) {
   // The plan checks devices before the guard is built.
   const UnpoolPlan plan = plan_unpool(y_in, switches_in, input_size, kernel, stride, padding, dilation, rows);
-  const at::Tensor &y = plan.y, &switches = plan.switches;
-  const c10::cuda::CUDAGuard guard(y.device());
+  const Tensor &y = plan.y, &switches = plan.switches;
+  const CudaDeviceGuard guard(y.device());
   const int64_t total = plan.out.numel();
   if (total == 0) return plan.result();
   check_switch_values("unpool", count_invalid_switches_cuda(switches, plan.geometry), plan.geometry);
   const int64_t* rows_ptr = rows.has_value() ? rows->const_data_ptr<int64_t>() : nullptr;
   const int64_t rows_stride = rows.has_value() ? rows->stride(0) : 0;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpool_cuda", [&] {
+  const cudaStream_t stream = current_stream(y.device());
+  ZF_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unpool_cuda", [&] {
     unpool_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         y.const_data_ptr<scalar_t>(), strides_of(y), switches.const_data_ptr<uint8_t>(), strides_of(switches),
         rows_ptr, rows_stride, plan.out.mutable_data_ptr<scalar_t>(), strides_of(plan.out), plan.geometry, y.size(1),
         total, plan.channels_last, rectify);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ZF_CUDA_LAUNCH_CHECK();
   });
   return plan.result();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
-  m.impl("unpool", &unpool_cuda);
+STABLE_TORCH_LIBRARY_IMPL(zfkernels, CUDA, m) {
+  m.impl("unpool", TORCH_BOX(&unpool_cuda));
 }
 
 }  // namespace zfkernels

@@ -1,4 +1,5 @@
-"""What the compiled extension holds, as recorded by ``setup.py`` at build time."""
+"""What the compiled extension holds, as recorded by ``setup.py`` at build time, and the torch it
+runs on."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import torch
 
 
 @lru_cache(maxsize=1)
-def build_info() -> Dict[str, Any]:
-    """What was compiled: ``{"cpu": True, "cuda": bool, "cuda_version": str | None,
-    "cuda_archs": [...], "torch": str}`` (from ``_build_info.json`` written by ``setup.py``)."""
+def _recorded() -> Dict[str, Any]:
     text = resources.files("zfkernels").joinpath("_build_info.json").read_text()
     return json.loads(text)
+
+
+def build_info() -> Dict[str, Any]:
+    """What was compiled, and what runs it: ``{"cpu": True, "cuda": bool, "cuda_version": str |
+    None, "cuda_archs": [...], "torch": str, "stable_abi": str, "torch_runtime": str}``.
+
+    ``torch`` is the torch the library was built against, ``stable_abi`` the oldest torch it loads
+    in (the stable ABI version it targets), ``torch_runtime`` the torch running now (2.14 or any
+    later release). All but ``torch_runtime`` come from ``_build_info.json``, written by
+    ``setup.py``."""
+    return dict(_recorded(), torch_runtime=torch.__version__)
 
 
 def has_cuda() -> bool:
