@@ -116,10 +116,9 @@ class FeatureExtractor:
             if weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
                     and not weight.is_contiguous():
                 images = images.contiguous(memory_format=torch.channels_last)
-            geometry = self.graph.geometry((images.shape[-2], images.shape[-1]))
             for step, value in walk(self.graph, images, steps, keep=steps):
                 for name in steps[step]:
-                    out[name] = geometry.present(step, value)  # token and channels-last grids as (N, C, H, W)
+                    out[name] = self.graph.present(step, value)  # token and channels-last grids as (N, C, H, W)
         return out
 
 

@@ -302,6 +302,25 @@ class Graph:
             self._layers = (nodes, [by_step.get(name, name) for name in nodes])
         return self._layers
 
+    def present(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Step ``name``'s raw output as ``(N, C, H, W)`` (channels-last grids permuted, token
+        sequences on their patch grid without the class token), by the layout found at the
+        canonical size: no geometry pass at ``value``'s size, so pass 1 runs nothing but the
+        network itself."""
+        geometry = self.geometry(self.canonical_size)
+        layout = geometry.layout(name)
+        if layout == "NHWC":
+            return value.permute(0, 3, 1, 2)
+        if layout != "tokens":
+            return value
+        labels = geometry.labels[name]
+        tokens = value.shape[1] - labels.prefix
+        h0, w0 = labels.grid
+        h = h0 if tokens == h0 * w0 else max(1, round(math.sqrt(tokens * h0 / w0)))
+        if tokens % h:
+            raise ValueError(f"Deconvnet: {tokens} tokens of {name!r} do not make a grid like its {h0}x{w0}")
+        return value[:, labels.prefix:, :].transpose(1, 2).reshape(value.shape[0], value.shape[2], h, tokens // h)
+
     @property
     def nodes(self) -> List[str]:
         """Every projectable node, in forward order: activation outputs, block outputs and

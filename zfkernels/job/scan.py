@@ -43,9 +43,8 @@ class FeatureTaps:
             self.steps.setdefault(self.graph.resolve(name), []).append(name)
 
     def __call__(self, x: torch.Tensor) -> Iterator[Tuple[str, torch.Tensor]]:
-        geometry = self.graph.geometry((x.shape[-2], x.shape[-1]))
         for step, value in walk(self.graph, x, self.steps):
-            value = geometry.present(step, value)  # token and channels-last grids as (N, C, H, W)
+            value = self.graph.present(step, value)  # token and channels-last grids as (N, C, H, W)
             for name in self.steps[step]:
                 yield name, value
 
