@@ -62,6 +62,7 @@ class Geometry:
         if min(size) < 1:
             raise ValueError(f"Deconvnet: image size {size} must be positive")
         self.graph, self.size = graph, (int(size[0]), int(size[1]))
+        self.failure: Optional[ValueError] = None  # where images of this size stop fitting the model
         self.tape = self._fake_forward()
         self.shapes: Dict[str, torch.Size] = self.tape.shapes
         self.labels: Dict[str, Labels] = {}
@@ -87,8 +88,14 @@ class Geometry:
         last = graph.output if graph.output is not None else graph.order[-1]
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             fake = torch.empty((FAKE_BATCH, 3) + self.size, **like)
-            for _ in walk(graph, fake, [last], tape=tape):
-                pass
+            try:
+                for _ in walk(graph, fake, [last], tape=tape):
+                    pass
+            except ValueError as error:
+                # Images of this size do not fit past some step (a classifier sized for another
+                # input): the steps before it keep their shapes; asking about one after it
+                # raises this error (see ``shape``).
+                self.failure = error
         tape.switches.clear()
         tape.norm_inputs.clear()
         tape.saved.clear()
@@ -190,6 +197,16 @@ class Geometry:
             return src
         return _reshaped(src, before, after)
 
+    def shape(self, name: str) -> torch.Size:
+        """Step ``name``'s output shape for one image; the fake pass's error where images of
+        this size do not reach it."""
+        found = self.shapes.get(name)
+        if found is None:
+            if self.failure is not None:
+                raise self.failure
+            raise ValueError(f"Deconvnet: step {name!r} is not computed from the image")
+        return found
+
     def layout(self, name: str) -> Optional[str]:
         """``"NCHW"``, ``"NHWC"``, ``"tokens"`` or ``None`` for step ``name``'s output."""
         labels = self.labels.get(name)
@@ -208,12 +225,12 @@ class Geometry:
         """How step ``name``'s output is seen going down (:class:`~.boxes.View`)."""
         found = self._views.get(name)
         if found is None:
-            found = self._views[name] = View(self.layout(name), tuple(self.shapes[name][1:]))
+            found = self._views[name] = View(self.layout(name), tuple(self.shape(name)[1:]))
         return found
 
     def presented_shape(self, name: str) -> Tuple[int, int, int]:
         """``(C, H, W)`` of step ``name`` as a map."""
-        shape = tuple(int(d) for d in self.shapes[name][1:])
+        shape = tuple(int(d) for d in self.shape(name)[1:])
         layout = self.layout(name)
         if layout == "NHWC":
             return shape[2], shape[0], shape[1]
@@ -306,6 +323,7 @@ class Geometry:
         can reach: down every path, the union where branches meet, the whole image below an
         operation that mixes positions (attention, adaptive pooling, a spatial reshape)."""
         whole = (0, 0) + self.size
+        self.shape(name)
         if not self.view(name).boxed:
             return whole
         boxes: Dict[str, Tuple[int, int, int, int]] = {name: (y, y + 1, x, x + 1)}
@@ -353,7 +371,7 @@ class Geometry:
         """Bytes a recording keeps per image: the outputs of ``kept`` at 4 bytes an element, and
         what the rules of ``below`` save (switches at 1 byte, activations' inputs, attention
         weights)."""
-        total = sum(4 * math.prod(self.shapes[name][1:]) for name in dict.fromkeys(kept))
+        total = sum(4 * math.prod(self.shape(name)[1:]) for name in dict.fromkeys(kept))
         for name in below:
             step = self.graph.steps[name]
             if step.kind == "maxpool":
