@@ -520,8 +520,12 @@ class ModelGeometry:
     def geometry(self, image_size: Tuple[int, int]) -> Geometry:
         """Shapes, layouts and receptive boxes for images of ``image_size``, computed once per
         size from a forward on fake tensors. Raises ``ValueError`` naming the step where the
-        images do not fit the model."""
-        return self.graph.geometry(image_size)
+        images do not fit the model, when that is at or before one of its layers (a classifier
+        sized for another input does not matter here)."""
+        geometry = self.graph.geometry(image_size)
+        if geometry.failure is not None and any(name not in geometry.shapes for name in self.graph.nodes):
+            raise geometry.failure
+        return geometry
 
     def layout(self, image_size: Tuple[int, int]) -> Tape:
         """Every step's output shape (and the graph's sizes) for one image of ``image_size``."""
