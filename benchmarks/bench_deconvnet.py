@@ -48,6 +48,7 @@ trained weights (layer scales ~0.1-1) never do. ``--reference-only`` times the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import time
@@ -157,14 +158,23 @@ class AutogradDeconvnet:
                     setattr(module, key, _SwappedReLU())
         self.extractor = extractor
 
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for images ``x`` (as the selections address it)."""
+        return self.extractor(x)["out"]
+
+    def rules_applied(self) -> contextlib.AbstractContextManager:
+        """What must be in force while the forward and backward run (nothing here)."""
+        return contextlib.nullcontext()
+
     def __call__(self, images: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor, positions: torch.Tensor,
                  chunk: int) -> torch.Tensor:
+        """Projections of the selections, one forward and one backward per chunk of them."""
         outs = []
         for start in range(0, rows.shape[0], chunk):
             r, c, p = rows[start:start + chunk], channels[start:start + chunk], positions[start:start + chunk]
-            with torch.enable_grad():
+            with torch.enable_grad(), self.rules_applied():
                 x = images[r].detach().requires_grad_(True)
-                act = self.extractor(x)["out"]
+                act = self.output(x)
                 b = torch.arange(r.shape[0], device=act.device)
                 seed = torch.zeros_like(act)
                 seed[b, c, p[:, 0], p[:, 1]] = act[b, c, p[:, 0], p[:, 1]].detach()
@@ -266,7 +276,7 @@ def last_node(model: torch.nn.Module, module_path: str) -> str:
     return inside[-1]
 
 
-class RulesAutogradDeconvnet:
+class RulesAutogradDeconvnet(AutogradDeconvnet):
     """The batched autograd deconvnet with issue #18's rules, as the test oracle applies them
     (``tests/_oracle.py``: its rules, module swaps and graph rewrites, and its patches of
     ``torch.nn.functional`` while it runs), in one pass: built once (a copy of torchvision's
@@ -328,20 +338,11 @@ class RulesAutogradDeconvnet:
         extractor.requires_grad_(False)  # (a copy) the image's gradient only: no weight keeps its input for a weight gradient
         self.extractor = extractor.eval()
 
-    def __call__(self, images: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor, positions: torch.Tensor,
-                 chunk: int) -> torch.Tensor:
-        outs = []
-        for start in range(0, rows.shape[0], chunk):
-            r, c, p = rows[start:start + chunk], channels[start:start + chunk], positions[start:start + chunk]
-            with torch.enable_grad(), self.oracle._patched(self.rules):
-                x = images[r].detach().requires_grad_(True)
-                act = self.oracle.present(self.extractor(x)["out"], self.layout)
-                b = torch.arange(r.shape[0], device=act.device)
-                seed = torch.zeros_like(act)
-                seed[b, c, p[:, 0], p[:, 1]] = act[b, c, p[:, 0], p[:, 1]].detach()
-                (grad,) = torch.autograd.grad(act, x, seed)
-            outs.append(grad)
-        return torch.cat(outs)
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.oracle.present(self.extractor(x)["out"], self.layout)
+
+    def rules_applied(self) -> contextlib.AbstractContextManager:
+        return self.oracle._patched(self.rules)
 
 
 def _randomise_layer_scales(model: torch.nn.Module, seed: int = 0) -> None:

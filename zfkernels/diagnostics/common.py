@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import graph_of, walk
-from ..engine.capture import RECTIFIERS
+from ..engine.classify import RECTIFIERS
 from ..errors import UsageError
 from ..job import data as data_mod
 from ..job import gallery

@@ -3,7 +3,8 @@
 (:mod:`.boxes`), geometry per input size (:mod:`.geometry`), the projection plan (:mod:`.plan`),
 the CPU fast paths (:mod:`.fastpaths`) and :class:`Deconvnet` itself (:mod:`.deconvnet`)."""
 
-from .capture import Graph, Unsupported, graph_of, layer_aliases, projectable_layers, unknown_layer_message
+from .capture import Graph, graph_of, layer_aliases, projectable_layers, unknown_layer_message
+from .classify import Unsupported
 from .deconvnet import MODES, Deconvnet, Recording
 from .geometry import Geometry, ModelGeometry
 from .walk import walk

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .boxes import Box, Signal
-from .capture import Step
+from .classify import Step
 from .evaluate import Tape
 from .fastpaths import bn_scale, bn_tensors
 from .geometry import Geometry, ModelGeometry
@@ -71,7 +71,7 @@ class Deconvnet(ModelGeometry):
         super().__init__(model)
         self._plans: Dict[str, Plan] = {}
         self._weights: Dict[Tuple[str, torch.dtype, torch.device], Tuple[Tuple[int, ...], torch.Tensor]] = {}
-        self._indices: Dict[Tuple[str, Tuple[int, ...], torch.device, bool], Tuple[str, torch.Tensor, bool]] = {}
+        self._indices: Dict[Tuple[str, Tuple[int, ...], torch.device], Tuple[str, torch.Tensor, bool]] = {}
         self._extents: Dict[Tuple[str, Tuple[int, int], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- forward ------------------------------------------------------------------------------
@@ -298,14 +298,13 @@ class Deconvnet(ModelGeometry):
         self._weights[key] = (version, weight)
         return weight
 
-    def rearrangement(self, step: Step, rec: Recording, device: torch.device,
-                      flat: bool = False) -> Tuple[str, torch.Tensor, bool]:
+    def rearrangement(self, step: Step, rec: Recording, device: torch.device) -> Tuple[str, torch.Tensor, bool]:
         """The geometry's classification of a rearrangement at the recording's size
         (:meth:`Geometry.rearrangement`), its index on ``device``."""
         size = tuple(rec.images_shape[-2:])
-        key = (step.name, size, device, flat)
+        key = (step.name, size, device)
         cached = self._indices.get(key)
         if cached is None:
             how, index, injective = self.geometry(size).rearrangement(step)
-            cached = self._indices[key] = ("flat" if flat else how, index.to(device), injective)
+            cached = self._indices[key] = (how, index.to(device), injective)
         return cached

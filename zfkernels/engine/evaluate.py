@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 import torch.fx as fx
@@ -61,3 +61,10 @@ def normalise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def bound_arguments(step: Any, lookup: Callable[[fx.Node], Any], names: Sequence[str]) -> Dict[str, Any]:
+    """A step's fx-node arguments evaluated by ``lookup``, by name (positional ones named after
+    ``names``)."""
+    args, kwargs = fx.node.map_arg((step.node.args, step.node.kwargs), lookup)
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound

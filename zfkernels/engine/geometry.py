@@ -19,7 +19,8 @@ import torch.nn as nn
 import torchvision
 
 from .boxes import View
-from .capture import RECTIFIERS, Graph, Step
+from .capture import Graph
+from .classify import RECTIFIERS, Step
 from .evaluate import Tape
 from .rules import boxable_avgpool
 from ..receptive_field import clip_box

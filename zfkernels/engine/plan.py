@@ -9,7 +9,8 @@ from typing import Dict, List
 
 import torch.nn as nn
 
-from .capture import RECTIFIERS, Graph
+from .capture import Graph
+from .classify import RECTIFIERS
 
 #: Step kinds whose true gradient is not their deconvnet rule with the rectification left out:
 #: a gate's and a normalisation's statistics, and attention weights, depend on the input.

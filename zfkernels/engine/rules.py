@@ -25,8 +25,10 @@ from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from .boxes import Box, Signal, View, crop, dense
-from .evaluate import Tape, evaluate, normalise
+from .activations import gain, phi
+from .evaluate import Tape, bound_arguments, evaluate, normalise
 from .fastpaths import bn_scale, transpose
+from .frozen import SoftmaxCapture, SoftmaxReplay, mha_weights, norm_statistics, sdpa_weights
 
 Forward = Callable[[Any, Sequence[torch.Tensor], Callable[[fx.Node], Any], nn.Module, Optional[Tape]], torch.Tensor]
 Down = Callable[["Context", Any, Signal], List[Tuple[str, Signal]]]
@@ -79,13 +81,6 @@ def default_forward(step: Any, values: Sequence[torch.Tensor], lookup: Callable[
     return evaluate(step.node, lookup, root)
 
 
-def _bound(step: Any, lookup: Callable[[fx.Node], Any], names: Sequence[str]) -> Dict[str, Any]:
-    args, kwargs = fx.node.map_arg((step.node.args, step.node.kwargs), lookup)
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
 def _relu_forward(step, values, lookup, root, tape):
     return torch.relu(values[0])
 
@@ -124,53 +119,6 @@ def _add_forward(step, values, lookup, root, tape):
     return values[0] + values[1]
 
 
-def phi(options: Dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-    """A pointwise activation (not ReLU/ReLU6) by its options, out of place."""
-    fn = options["fn"]
-    if fn == "silu":
-        return F.silu(x)
-    if fn == "gelu":
-        return F.gelu(x, approximate=options.get("approximate", "none"))
-    if fn == "hardswish":
-        return F.hardswish(x)
-    if fn == "mish":
-        return F.mish(x)
-    if fn == "elu":
-        return F.elu(x, options.get("alpha", 1.0))
-    if fn == "leaky_relu":
-        return F.leaky_relu(x, options.get("negative_slope", 0.01))
-    if fn == "tanh":
-        return torch.tanh(x)
-    raise AssertionError(fn)
-
-
-def gain(options: Dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-    """g(x) = phi(x) / x, the factor guided mode multiplies the rectified signal by (docs/engine.md,
-    "Pointwise activations"), with its limit where x = 0."""
-    fn = options["fn"]
-    if fn == "silu":
-        return torch.sigmoid(x)
-    if fn == "gelu":
-        if options.get("approximate", "none") == "tanh":
-            return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-        return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    if fn == "hardswish":  # 0 at or below -3, (x + 3) / 6 between, 1 at or above 3 (PyTorch's pieces)
-        return torch.where(x <= -3, torch.zeros_like(x), torch.where(x >= 3, torch.ones_like(x), (x + 3) / 6))
-    if fn == "mish":
-        return torch.tanh(F.softplus(x))
-    if fn == "leaky_relu":
-        return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, options.get("negative_slope", 0.01)))
-    if fn == "elu":  # alpha (e^x - 1) / x below 0, alpha at 0 (PyTorch's phi'(0), the left limit)
-        alpha = options.get("alpha", 1.0)
-        safe = torch.where(x == 0, torch.ones_like(x), x)
-        below = torch.where(x == 0, torch.full_like(x, alpha), alpha * torch.expm1(x) / safe)
-        return torch.where(x > 0, torch.ones_like(x), below)
-    if fn == "tanh":  # tanh(x) / x, 1 at 0
-        safe = torch.where(x == 0, torch.ones_like(x), x)
-        return torch.where(x == 0, torch.ones_like(x), torch.tanh(x) / safe)
-    raise AssertionError(fn)
-
-
 def _activation_forward(step, values, lookup, root, tape):
     if tape is not None:
         tape.saved[step.name] = values[0]
@@ -198,43 +146,6 @@ def _norm_forward(step, values, lookup, root, tape):
     return out
 
 
-def norm_statistics(step: Any, x: torch.Tensor, lookup: Callable[[fx.Node], Any]) -> Dict[str, Any]:
-    """What the normalisation's rule freezes: ``rstd`` = 1/sigma (per normalised group, kept
-    dimensions of size 1), and the weight, dims or groups its transpose needs."""
-    how = step.options["how"]
-    module = step.module
-    if module is not None:
-        if how == "group":
-            settings = {"groups": module.num_groups, "weight": module.weight, "eps": module.eps}
-        elif how == "layer2d":
-            settings = {"dims": (1,), "weight": module.weight, "eps": module.eps}
-        else:
-            dims = tuple(range(-len(module.normalized_shape), 0))
-            settings = {"dims": dims, "weight": module.weight, "eps": module.eps}
-    else:
-        bound = _bound(step, lookup, step.options["names"])
-        if how == "group":
-            settings = {"groups": int(bound["num_groups"]), "weight": bound.get("weight"), "eps": bound.get("eps", 1e-5)}
-        else:
-            shape = bound["normalized_shape"]
-            shape = (shape,) if isinstance(shape, int) else tuple(shape)
-            settings = {"dims": tuple(range(-len(shape), 0)), "weight": bound.get("weight"),
-                        "eps": bound.get("eps", 1e-5 if how == "layer" else None)}
-    eps = settings["eps"]
-    if how == "rms" and eps is None:
-        eps = torch.finfo(x.dtype).eps  # as torch.rms_norm
-    if how == "group":
-        grouped = x.reshape(x.shape[0], settings["groups"], -1)
-        rstd = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + eps)
-    elif how == "rms":
-        rstd = torch.rsqrt(x.pow(2).mean(settings["dims"], keepdim=True) + eps)
-    else:
-        rstd = torch.rsqrt(x.var(settings["dims"], unbiased=False, keepdim=True) + eps)
-    weight = settings["weight"]
-    return {"how": how, "rstd": rstd, "weight": None if weight is None else weight.detach(),
-            "dims": settings.get("dims"), "groups": settings.get("groups")}
-
-
 def _attention_forward(step, values, lookup, root, tape):
     how = step.options["how"]
     if how == "mha":
@@ -246,7 +157,7 @@ def _attention_forward(step, values, lookup, root, tape):
     if how == "sdpa":
         out = evaluate(step.node, lookup, root)
         if tape is not None:
-            bound = _bound(step, lookup, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"))
+            bound = bound_arguments(step, lookup, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"))
             tape.saved[step.name] = sdpa_weights(bound["query"], bound["key"], bound.get("attn_mask"),
                                                  bool(bound.get("is_causal", False)), bound.get("scale"))
         return out
@@ -256,64 +167,6 @@ def _attention_forward(step, values, lookup, root, tape):
         out = evaluate(step.node, lookup, root)
     tape.saved[step.name] = capture.outputs
     return out
-
-
-def mha_weights(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``nn.MultiheadAttention``'s attention weights per head, ``(N, heads, L, S)`` (batch first)."""
-    e, heads = module.embed_dim, module.num_heads
-    weight, bias = module.in_proj_weight, module.in_proj_bias
-    q = F.linear(query, weight[:e], None if bias is None else bias[:e])
-    k = F.linear(key, weight[e:2 * e], None if bias is None else bias[e:2 * e])
-    n, length, source = q.shape[0], q.shape[1], k.shape[1]
-    q = q.view(n, length, heads, e // heads).transpose(1, 2)
-    k = k.view(n, source, heads, e // heads).transpose(1, 2)
-    return torch.softmax(q @ k.transpose(-2, -1) * (e // heads) ** -0.5, dim=-1)
-
-
-def sdpa_weights(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
-                 scale: Optional[float]) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``'s softmax output (PyTorch's documented formula)."""
-    scores = query @ key.transpose(-2, -1) * (query.size(-1) ** -0.5 if scale is None else scale)
-    n, s = query.size(-2), key.size(-2)
-    if causal:
-        scores = scores.masked_fill(~torch.ones(n, s, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1)
-
-
-_SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax)
-
-
-class SoftmaxCapture(TorchFunctionMode):
-    """Records every softmax output computed inside the block, in call order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.outputs: List[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in _SOFTMAXES:
-            self.outputs.append(out)
-        return out
-
-
-class SoftmaxReplay(TorchFunctionMode):
-    """Inside the block, each softmax returns the next of ``outputs`` instead (frozen attention
-    weights: what follows is linear in the values)."""
-
-    def __init__(self, outputs: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self.outputs = list(outputs)
-        self.at = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SOFTMAXES:
-            out = self.outputs[self.at]
-            self.at += 1
-            return out
-        return func(*args, **(kwargs or {}))
 
 
 def _cat_forward(step, values, lookup, root, tape):
@@ -489,8 +342,6 @@ def _rearrange_down(ctx: Context, step, signal: Signal):
         out = value.new_zeros((batch, below.channels) + tuple(value.shape[2:]))
         out.index_copy_(1, index, value) if injective else out.index_add_(1, index, value)
         return [(source, Signal(out, signal.box))]
-    if how == "swap":
-        index = ctx.engine.rearrangement(step, ctx.rec, signal.value.device, flat=True)[1]
     value = view.raw(signal).reshape(batch, -1)
     out = value.new_zeros((batch, math.prod(below.raw_shape)))
     flat = index.flatten()

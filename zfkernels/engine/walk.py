@@ -10,7 +10,8 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .capture import Graph, Step
+from .capture import Graph
+from .classify import Step
 from .evaluate import Tape, evaluate
 from .rules import RULES
 
